@@ -1,0 +1,51 @@
+# cloudseg: the few commands a newcomer needs. `make demo` and `make test` set everything up themselves.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BASE ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+# The venv is rebuilt when the declared dependencies change (stamp holds a hash of setup.cfg + pyproject.toml).
+STAMP := $(VENV)/.cloudseg-stamp
+DEPS_HASH := $(shell cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)
+HOST ?= 127.0.0.1
+export HF_HUB_OFFLINE ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help setup demo test ui dashboard lab runtime-env real-best clean-stores
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+setup: $(STAMP)  ## create or refresh .venv (idempotent)
+
+$(STAMP): setup.cfg pyproject.toml
+	@if [ ! -x $(PY) ] || [ "$$(cat $(STAMP) 2>/dev/null)" != "$(DEPS_HASH)" ]; then \
+	  echo "[setup] building $(VENV) with $(PYTHON_BASE)"; \
+	  [ -x $(PY) ] || $(PYTHON_BASE) -m venv $(VENV); \
+	  $(PY) -m pip install -q --upgrade pip && \
+	  $(PY) -m pip install -q -e '.[dev]' && echo "$(DEPS_HASH)" > $(STAMP); \
+	else touch $(STAMP); fi
+
+demo: setup  ## the main job on the synthetic default
+	$(PY) scripts/demo.py
+
+test: setup  ## the whole suite (starts and stops the services it needs)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+ui: setup  ## MLflow UI for this repository's store
+	$(VENV)/bin/mlflow ui --workers 1 --host $(HOST) --port 5000 \
+	  --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
+	  --default-artifact-root $(CURDIR)/mlartifacts
+
+dashboard: setup  ## optuna-dashboard for optuna.db
+	$(VENV)/bin/optuna-dashboard --host $(HOST) --port 8080 sqlite:///$(CURDIR)/optuna.db
+
+lab: setup  ## Jupyter Lab on the notebooks
+	$(VENV)/bin/jupyter lab --ip $(HOST) --no-browser notebooks/
+
+runtime-env:  ## .venv-runtime: the competition runtime's Python 3.9 and pinned packages
+	bash scripts/make_runtime_env.sh
+
+real-best: setup  ## train the best real-data recipe, promote submissions/real-best/, verify it
+	$(PY) scripts/real_best.py $(if $(DATA),--data $(DATA),)

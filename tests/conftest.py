@@ -1,0 +1,51 @@
+"""Shared fixtures. Nothing here downloads; MLflow and Optuna point at temporary folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from cloudseg.paths import real_data_dir  # noqa: E402
+from tests.data.fixtures import make_dataset  # noqa: E402
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """6 labeled 512x512 chips over 3 locations; read-only by convention (copy before mutating)."""
+    return make_dataset(tmp_path_factory.mktemp("tiny"), n_chips=6)
+
+
+@pytest.fixture
+def tiny_copy(tmp_path) -> Path:
+    """A fresh, mutable copy-sized dataset for tests that break files on purpose."""
+    return make_dataset(tmp_path / "data", n_chips=4, locations=("Alpha", "Beta"))
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The real On Cloud N sample. Skips where absent, except under CI=true where absence is a failure."""
+    root = real_data_dir()
+    if not (root / "train_metadata.csv").is_file():
+        msg = f"real sample not found at {root} (set CLOUDSEG_REAL_DATA or place it at ../shared/data/oncloudn)"
+        if IN_CI:
+            pytest.fail(msg + " — required under CI=true")
+        pytest.skip(msg)
+    return root
+
+
+@pytest.fixture
+def mlflow_tmp(tmp_path, monkeypatch) -> str:
+    """A throwaway sqlite MLflow store; returns its tracking URI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("CLOUDSEG_MLARTIFACTS", str(tmp_path / "mlartifacts"))
+    return uri

@@ -1,0 +1,59 @@
+"""The torch dataset and the transforms: image and mask stay in sync, normalisation as documented."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cloudseg.data.dataset import ChipDataset
+from cloudseg.data.transforms import Normalization, apply_transform, build_train_transform
+
+
+def test_sample_dict(tiny_data):
+    ds = ChipDataset.from_folder(tiny_data, "train")
+    s = ds[0]
+    assert s["chip_id"] == "tr00"
+    assert s["image"].shape == (4, 512, 512) and s["image"].dtype == torch.float32
+    assert s["mask"].shape == (1, 512, 512)
+    assert set(torch.unique(s["mask"]).tolist()) <= {0.0, 1.0}
+    raw = ds.split.images["tr00"].astype(np.float32) / 10000
+    np.testing.assert_allclose(s["image"].numpy(), np.clip(raw, 0, 2), rtol=1e-6)
+
+
+def test_unlabeled_dataset_has_no_mask(tmp_path):
+    from tests.data.fixtures import make_dataset
+
+    ds = ChipDataset.from_folder(make_dataset(tmp_path, 2, split="test", labels=False), "test")
+    assert "mask" not in ds[0] and len(ds) == 2
+
+
+def test_normalization_round_trip():
+    norm = Normalization(mean=(0.1, 0.1, 0.1, 0.2), std=(0.5, 0.5, 0.5, 0.5))
+    img = np.full((4, 2, 2), 3000, np.uint16)
+    img[0, 0, 0] = 65000  # saturated: clipped to 2.0
+    out = norm(img)
+    assert out[0, 0, 0] == pytest.approx((2.0 - 0.1) / 0.5)
+    assert out[3, 1, 1] == pytest.approx((0.3 - 0.2) / 0.5)
+    assert Normalization.from_dict(norm.to_dict()) == norm
+
+
+def test_augmentations_keep_image_and_mask_in_sync():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 10000, (4, 64, 64)).astype(np.uint16)
+    mask = (img[0] > 5000).astype(np.uint8)  # mask is a function of band 0, so it must survive any geometry
+    t = build_train_transform(32)  # random crop + D4: purely geometric, so the relation must hold exactly
+    for _ in range(20):
+        out_img, out_mask = apply_transform(t, img, mask)
+        assert out_img.shape == (4, 32, 32) and out_mask.shape == (32, 32)
+        np.testing.assert_array_equal(out_mask, (out_img[0] > 5000).astype(np.uint8))
+
+
+def test_strong_augmentation_runs_and_keeps_shapes():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 10000, (4, 64, 64)).astype(np.uint16)
+    mask = (rng.uniform(size=(64, 64)) > 0.5).astype(np.uint8)
+    t = build_train_transform(48, strength=1.0)
+    out_img, out_mask = apply_transform(t, img, mask)
+    assert out_img.shape == (4, 48, 48) and out_img.dtype == np.uint16
+    assert set(np.unique(out_mask)) <= {0, 1}
