@@ -49,6 +49,67 @@ def validate(
     typer.echo(f"{data} [{split}]: {len(result.ids)} chips, {n_loc} locations, labels={result.has_labels}: ok")
 
 
+@app.command()
+def synth(
+    out: Path = typer.Option(..., "--out", help="Folder to create (competition layout)."),
+    n: int = typer.Option(96, "--n", help="Training chips."),
+    seed: int = typer.Option(0, "--seed", help="Chip i depends only on (seed, split, i)."),
+    test: int = typer.Option(0, "--test", help="Labeled held-out test chips, from locations not in train."),
+    locations: Optional[int] = typer.Option(None, "--locations", help="Train locations [default: n // 10]."),
+    size: int = typer.Option(512, "--size", help="Chip height and width in pixels."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes [default: 1]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+) -> None:
+    """Write synthetic Sentinel-2 chips with cloud labels in the competition layout."""
+    import time
+
+    from cloudseg.data.synthetic import read_summary, write_synthetic
+
+    start = time.perf_counter()
+    try:
+        path = write_synthetic(out, n, seed=seed, n_test=test, n_locations=locations, size=size,
+                               overwrite=overwrite, workers=workers)
+    except (FileExistsError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1)
+    elapsed = time.perf_counter() - start
+    typer.echo(str(path))
+    for split, info in read_summary(path)["splits"].items():
+        typer.echo(
+            f"{split}: {info['chips']} chips, {info['locations']} locations, mean cloud fraction "
+            f"{info['mean_cloud_fraction']:.3f}, {info['clear_chips']} clear, "
+            f"{info['cloudy_chips']} fully cloudy"
+        )
+    typer.echo(f"seconds={elapsed:.1f}")
+
+
+@app.command()
+def gallery(
+    data: Path = typer.Option(..., "--data", help="Folder in the competition layout."),
+    out: Path = typer.Option(..., "--out", help="PNG to write."),
+    split: str = typer.Option("train", "--split", help="Split prefix: train or test."),
+    n: int = typer.Option(12, "--n", help="Chips to show (the first of the metadata)."),
+    ncols: int = typer.Option(6, "--ncols", help="Panels per row."),
+) -> None:
+    """Save a PNG of chips in natural colour with their cloud labels outlined."""
+    from cloudseg.data.io import features_dir, labels_dir, load_metadata, read_chip, read_label
+    from cloudseg.plots import chip_gallery
+
+    meta = load_metadata(data, split).head(n)
+    if meta.empty:
+        typer.echo(f"error: {data} has no chips in split '{split}'", err=True)
+        raise typer.Exit(1)
+    images, labels, titles = [], [], []
+    for row in meta.itertuples():
+        images.append(read_chip(features_dir(data, split) / row.chip_id))
+        label_path = labels_dir(data, split) / f"{row.chip_id}.tif"
+        label = read_label(label_path) if label_path.is_file() else None
+        labels.append(label)
+        cloud = f" cloud {label.mean():.2f}" if label is not None else ""
+        titles.append(f"{row.chip_id} {row.location}{cloud}")
+    typer.echo(chip_gallery(images, labels, titles, out, ncols=ncols))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

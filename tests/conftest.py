@@ -11,6 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# One thread per process: tests start worker subprocesses side by side, and OpenMP threads that outnumber free
+# cores spin and slow everything down several times over.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 from cloudseg.paths import real_data_dir  # noqa: E402
 from tests.data.fixtures import make_dataset  # noqa: E402
@@ -43,9 +51,13 @@ def real_data() -> Path:
 
 
 @pytest.fixture
-def mlflow_tmp(tmp_path, monkeypatch) -> str:
+def mlflow_tmp(tmp_path, monkeypatch):
     """A throwaway sqlite MLflow store; returns its tracking URI."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("CLOUDSEG_MLARTIFACTS", str(tmp_path / "mlartifacts"))
-    return uri
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)  # the process-wide URI outranks the variable once any code has set it
+    yield uri
+    mlflow.set_tracking_uri(None)

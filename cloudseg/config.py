@@ -1,0 +1,184 @@
+"""One typed config: every default in one dataclass, YAML files as partial overrides, ``--set key=value``.
+
+Unknown keys and values of the wrong type are errors raised before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or gives a value of the wrong type."""
+
+
+@dataclass
+class Config:
+    # --- tracking
+    experiment: str = "cloudseg"  # MLflow experiment name
+    run_name: str = ""  # MLflow run name ("" = generated)
+    # --- data
+    data: str = "synthetic"  # folder in the competition layout; "synthetic" = data/synthetic, "real" = the real sample
+    exclude_ids: str = ""  # file of chip ids left out of training (never out of validation); "" = none
+    suspect_ids: str = "auto"  # ids scored apart as suspect labels; "auto" = <data>/reference/suspect_label_ids.txt
+    n_folds: int = 4  # location-grouped folds; 0 = leave-one-location-out
+    fold: int = 0  # which fold validates this run
+    cv: bool = False  # train every fold under one parent run and log the pooled out-of-fold cv_jaccard
+    # --- model
+    arch: str = "Unet"  # smp architecture (see cloudseg.models.ARCHITECTURES)
+    encoder: str = "mobilenet_v2"  # smp encoder; light and present in the runtime's smp 0.2.1
+    encoder_weights: str = ""  # "" = random init (no download); "imagenet" for machines with network
+    # --- optimisation
+    loss: str = "0.5*bce+0.5*dice"  # loss names with weights, see cloudseg.losses
+    epochs: int = 8  # maximum epochs
+    batch_size: int = 8  # training batch (chips or crops)
+    val_batch_size: int = 4  # validation batch (full chips)
+    crop_size: int = 256  # random training crop; 0 = full 512 chips
+    aug_strength: float = 0.0  # 0 = flips/rotations/crop only; up to 1 adds affine warps, blur, brightness gain
+    lr: float = 2e-3  # peak learning rate (AdamW)
+    weight_decay: float = 1e-4  # AdamW weight decay
+    scheduler: str = "cosine"  # cosine (linear warm-up then cosine) | onecycle | constant
+    warmup_epochs: float = 0.5  # linear warm-up length for cosine
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    steps_per_epoch: int = 0  # optimiser steps per epoch; 0 = one pass over the training chips
+    early_stopping: int = 0  # stop after this many epochs without a better val_jaccard; 0 = never
+    keep: str = "best"  # checkpoint kept: best (by val_jaccard on the fold) or last (no choice made on val labels)
+    # --- numerics and speed
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto = fp16 AMP on CUDA, bf16 autocast on CPUs with native bf16 (else fp32)
+    channels_last: bool = True  # NHWC memory format (faster convolutions on CPU and CUDA)
+    num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default (all cores)
+    num_workers: int = 0  # DataLoader workers; chips are in memory, so 0 is usually fastest on 2 cores
+    seed: int = 0  # seeds python, numpy and torch; also shuffles which locations share a fold
+    # --- sweeps (experiments/sweep.py)
+    pruner: str = "median"  # median | hyperband | none; fed with val_jaccard after each epoch
+    pruner_warmup_epochs: int = 1  # epochs a trial always runs before it may be pruned
+    # --- decision
+    threshold: float = 0.5  # decision threshold on the cloud probability
+    tune_threshold: bool = True  # pick the threshold maximising val_jaccard at the end (stored in the checkpoint)
+    # --- outputs
+    plot_chips: int = 6  # validation chips drawn in the predictions figure
+    synthetic_n: int = 96  # chips in the synthetic default's training split (made on first use)
+
+    # ------------------------------------------------------------------ helpers
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def _coerce(key: str, value: Any, target_type: type, source: str) -> Any:
+    """Convert ``value`` to ``target_type`` or raise a ConfigError naming the key and the source."""
+    if target_type is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif target_type is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif target_type is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif target_type is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{source}: '{key}' must be {target_type.__name__}, got {value!r} ({type(value).__name__})")
+
+
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def _field_types() -> dict[str, type]:
+    return {f.name: _TYPES[f.type] if isinstance(f.type, str) else f.type for f in fields(Config)}
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Config:
+    """Return a copy of ``cfg`` with ``overrides`` applied; keys must exist and values keep their type."""
+    types = _field_types()
+    unknown = sorted(set(overrides) - set(types))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown config key(s) {unknown}. Valid keys: {', '.join(sorted(types))}"
+        )
+    changes = {k: _coerce(k, v, types[k], source) for k, v in overrides.items()}
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_set(items: list[str] | None) -> dict[str, str]:
+    """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}``; values stay strings until typed against the dataclass."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_config(path: Path | str | None = None, sets: list[str] | None = None, **extra: Any) -> Config:
+    """Defaults <- YAML file (partial override) <- ``--set`` items <- ``extra`` (e.g. ``data`` from ``--data``)."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
+        cfg = apply_overrides(cfg, raw, str(path))
+    cfg = apply_overrides(cfg, parse_set(sets), "--set")
+    extra = {k: v for k, v in extra.items() if v is not None}
+    if extra:
+        cfg = apply_overrides(cfg, extra, "command line")
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    """Value checks that types alone cannot express."""
+    checks = [
+        (cfg.epochs >= 1, f"epochs={cfg.epochs} must be >= 1"),
+        (cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be >= 1"),
+        (cfg.val_batch_size >= 1, f"val_batch_size={cfg.val_batch_size} must be >= 1"),
+        (cfg.crop_size == 0 or 32 <= cfg.crop_size <= 512 and cfg.crop_size % 32 == 0,
+         f"crop_size={cfg.crop_size} must be 0 (full chip) or a multiple of 32 in 32..512"),
+        (cfg.lr > 0, f"lr={cfg.lr} must be > 0"),
+        (cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} must be >= 0"),
+        (0 < cfg.threshold < 1, f"threshold={cfg.threshold} must be in (0, 1)"),
+        (cfg.scheduler in ("cosine", "onecycle", "constant"),
+         f"scheduler={cfg.scheduler!r} must be one of cosine, onecycle, constant"),
+        (cfg.precision in ("auto", "bf16", "fp16", "fp32"),
+         f"precision={cfg.precision!r} must be one of auto, bf16, fp16, fp32"),
+        (cfg.pruner in ("median", "hyperband", "none"), f"pruner={cfg.pruner!r} must be median, hyperband or none"),
+        (cfg.keep in ("best", "last"), f"keep={cfg.keep!r} must be best or last"),
+        (cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r} must be auto, cpu or cuda"),
+        (cfg.n_folds == 0 or cfg.n_folds >= 2, f"n_folds={cfg.n_folds} must be 0 (leave-one-location-out) or >= 2"),
+        (0 <= cfg.aug_strength <= 1, f"aug_strength={cfg.aug_strength} must be in [0, 1]"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)

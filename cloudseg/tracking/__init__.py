@@ -1,0 +1,246 @@
+"""MLflow bookkeeping: stores, experiments, run tags, stale-run repair and the artifacts of a training run.
+
+Only this module and ``experiments/`` import MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+import cloudseg
+from cloudseg.paths import MLARTIFACTS, REPO_ROOT, tracking_uri
+
+STALE_AFTER_S = float(os.environ.get("CLOUDSEG_STALE_AFTER_S", 6 * 3600))  # heartbeat age that marks a remote run dead
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM turned into an exception so runs end KILLED instead of staying RUNNING."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum, frame):
+        raise Terminated(f"received signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def artifacts_root() -> Path:
+    return Path(os.environ.get("CLOUDSEG_MLARTIFACTS", MLARTIFACTS))
+
+
+def setup(experiment: str) -> str:
+    """Point MLflow at the configured store and return the experiment id (created on first use).
+
+    With a local store, artifacts go to ``mlartifacts/<experiment>`` under the repository root (never to the
+    current directory); a tracking server decides its own artifact root.
+    """
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if not uri.startswith(("http://", "https://", "databricks")):
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
+        location = (artifacts_root() / safe).resolve().as_uri()
+    try:
+        return mlflow.create_experiment(experiment, artifact_location=location)
+    except Exception:  # another worker created it in between
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_info() -> tuple[str, bool]:
+    """(commit, dirty) of the repository, or ("unknown", False) outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        return commit, bool(status)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+
+
+def data_fingerprint(root: Path | str, split: str, ids: list[str]) -> str:
+    """sha256 over chip ids and the sizes of their band and label files (cheap, catches changed data)."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for chip_id in sorted(ids):
+        h.update(chip_id.encode())
+        folder = root / f"{split}_features" / chip_id
+        for f in sorted(folder.glob("*.tif")):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+        label = root / f"{split}_labels" / f"{chip_id}.tif"
+        if label.is_file():
+            h.update(f"label:{label.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def _proc_start(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return "?"
+
+
+def process_tag() -> str:
+    """host:pid:start-time of this process, so a later start can tell whether it is still alive."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_proc_start(os.getpid())}"
+
+
+def _process_alive(tag: str) -> bool | None:
+    """True/False for a process on this host; None when it ran elsewhere (cannot tell)."""
+    try:
+        host, pid, start = tag.rsplit(":", 2)
+        pid_i = int(pid)
+    except ValueError:
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid_i, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return _proc_start(pid_i) == start
+
+
+def base_tags(kind: str) -> dict[str, str]:
+    import torch
+
+    commit, dirty = git_info()
+    return {
+        "cloudseg.kind": kind,
+        "cloudseg.git_commit": commit,
+        "cloudseg.git_dirty": str(dirty).lower(),
+        "cloudseg.version": cloudseg.__version__,
+        "cloudseg.torch_version": torch.__version__,
+        "cloudseg.proc": process_tag(),
+        "cloudseg.heartbeat": str(int(time.time())),
+        "mlflow.source.git.commit": commit,
+    }
+
+
+def close_stale_runs(experiment_ids: list[str] | None = None, extra_dead: set[str] | None = None) -> list[str]:
+    """Close RUNNING runs whose process is gone: KILLED when its process died on this host or its heartbeat is
+    older than ``STALE_AFTER_S``; ``extra_dead`` are run ids known dead by other means (e.g. a failed Optuna
+    heartbeat). Returns the closed run ids."""
+    client = MlflowClient()
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if not experiment_ids:
+        return []
+    closed = []
+    runs = client.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'", max_results=5000)
+    now = time.time()
+    for run in runs:
+        tags = run.data.tags
+        if "cloudseg.kind" not in tags:
+            continue
+        alive = _process_alive(tags.get("cloudseg.proc", ""))
+        beat = float(tags.get("cloudseg.heartbeat", run.info.start_time / 1000))
+        dead = (run.info.run_id in (extra_dead or set())) or alive is False or (
+            alive is None and now - beat > STALE_AFTER_S)
+        if dead:
+            client.set_tag(run.info.run_id, "cloudseg.closed_by", f"stale-run repair from {process_tag()}")
+            client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
+            closed.append(run.info.run_id)
+    if closed:
+        print(f"closed {len(closed)} run(s) left RUNNING by dead processes: {', '.join(closed)}", flush=True)
+    return closed
+
+
+@contextlib.contextmanager
+def run_status(run_id: str, killed: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """End ``run_id`` FINISHED on success, KILLED on interruption (Ctrl-C, SIGTERM) or on an exception of the
+    ``killed`` types (e.g. a pruned trial), FAILED on any other error."""
+    client = MlflowClient()
+    try:
+        with sigterm_as_interrupt():
+            yield
+    except (KeyboardInterrupt, *killed):
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException as exc:
+        client.set_tag(run_id, "cloudseg.error", f"{type(exc).__name__}: {exc}"[:4000])
+        client.set_terminated(run_id, "FAILED")
+        raise
+    else:
+        client.set_terminated(run_id, "FINISHED")
+
+
+class EpochLogger:
+    """Training callback: logs each epoch's metrics with step = epoch and refreshes the heartbeat tag."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.client = MlflowClient()
+
+    def __call__(self, epoch: int, metrics: dict) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        names = ("train_loss", "val_jaccard", "lr", "chips_per_s")
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(metrics[k]), ts, epoch) for k in names
+                                                     if k in metrics])
+        self.client.set_tag(self.run_id, "cloudseg.heartbeat", str(int(time.time())))
+
+
+def log_params(run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    client = MlflowClient()
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_json(run_id: str, obj: dict, name: str) -> None:
+    MlflowClient().log_text(run_id, json.dumps(obj, indent=2, sort_keys=True), name)
+
+
+def log_file(run_id: str, path: Path | str, artifact_path: str | None = None) -> None:
+    MlflowClient().log_artifact(run_id, str(path), artifact_path)
+
+
+def download(run_id: str, artifact_path: str, dst: Path | str) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
+
+
+def scratch_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="cloudseg-")
+
+
+def echo_stores() -> None:
+    """Print where runs land (the brief: store paths are printed at start)."""
+    print(f"MLflow tracking URI: {tracking_uri()}" + ("" if os.environ.get("MLFLOW_TRACKING_URI") else
+                                                     f"  (artifacts: {artifacts_root()})"), file=sys.stderr,
+          flush=True)

@@ -1,0 +1,209 @@
+"""A training run (or a cross-validation of folds) as MLflow runs: params, tags, per-epoch metrics, artifacts.
+
+Used by ``experiments/train.py`` and by every trial of ``experiments/sweep.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from cloudseg import tracking
+from cloudseg.config import Config, apply_overrides
+from cloudseg.data.io import load_metadata
+from cloudseg.data.splits import exclude_from_training, fold_split, location_folds, read_id_list
+from cloudseg.data.validate import ValidatedSplit, validate_split
+from cloudseg.metrics import JaccardAccumulator
+from cloudseg.paths import REPO_ROOT, real_data_dir
+from cloudseg.training import FitResult, Trainer
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    result: FitResult | None  # None for a cv parent
+    metrics: dict
+
+
+def state_root() -> Path:
+    """Local resumable training states (``<root>/<run_id>/last.pt``)."""
+    return Path(os.environ.get("CLOUDSEG_STATE_ROOT", REPO_ROOT / ".cache" / "runs"))
+
+
+def resolve_data(data: str, synthetic_n: int = 96) -> Path:
+    """``synthetic`` -> data/synthetic (generated on first use); ``real`` -> the real sample; else a folder."""
+    if data == "synthetic":
+        from cloudseg.data.synthetic import ensure_synthetic_default
+
+        return ensure_synthetic_default(n=synthetic_n)
+    if data == "real":
+        root = real_data_dir()
+        if not (root / "train_metadata.csv").is_file():
+            raise FileNotFoundError(f"real sample not found at {root}; set CLOUDSEG_REAL_DATA")
+        return root
+    path = Path(data).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    if not path.is_dir():
+        raise FileNotFoundError(f"data folder {data} does not exist")
+    return path.resolve()
+
+
+def suspect_ids(cfg: Config, root: Path) -> set[str]:
+    if cfg.suspect_ids == "":
+        return set()
+    if cfg.suspect_ids == "auto":
+        path = root / "reference" / "suspect_label_ids.txt"
+        return read_id_list(path) if path.is_file() else set()
+    return read_id_list(cfg.suspect_ids)
+
+
+def load_split(cfg: Config) -> tuple[Path, ValidatedSplit]:
+    root = resolve_data(cfg.data, cfg.synthetic_n)
+    print(f"data: {root}", flush=True)
+    return root, validate_split(root, "train", labels=True, load=True)
+
+
+def fold_ids(cfg: Config, split: ValidatedSplit, fold: int) -> tuple[list[str], list[str]]:
+    meta = split.metadata.reset_index()
+    train, val = fold_split(meta, cfg.n_folds, fold, cfg.seed)
+    if cfg.exclude_ids:
+        train = exclude_from_training(train, read_id_list(cfg.exclude_ids))
+    return train, val
+
+
+def _log_fit(run_id: str, cfg: Config, split: ValidatedSplit, result: FitResult) -> dict:
+    from cloudseg import plots
+
+    client = MlflowClient()
+    metrics = {"best_val_jaccard": result.best_val_jaccard, "threshold": result.threshold,
+               "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "wall_s": result.wall_s,
+               "val_jaccard_at_threshold": result.final_eval.jaccard}
+    for k, v in metrics.items():
+        client.log_metric(run_id, k, float(v))
+    client.log_artifact(run_id, str(result.checkpoint), "checkpoint")
+    with tracking.scratch_dir() as tmp:
+        tmp = Path(tmp)
+        per = result.final_eval.per_chip.per_chip()
+        fixed = result.fixed_eval.per_chip.per_chip().set_index("chip_id")
+        per["intersection_fixed"] = fixed.loc[per["chip_id"], "intersection"].to_numpy()
+        per["union_fixed"] = fixed.loc[per["chip_id"], "union"].to_numpy()
+        per["location"] = split.metadata.loc[per["chip_id"], "location"].to_numpy()
+        per.to_csv(tmp / "per_chip_jaccard.csv", index=False)
+        client.log_artifact(run_id, str(tmp / "per_chip_jaccard.csv"))
+        plots.learning_curve(result.history, tmp / "learning_curve.png")
+        ids = list(result.final_eval.probs)
+        plots.prediction_overlays([split.images[c] for c in ids], [split.masks[c] for c in ids],
+                                  [result.final_eval.probs[c] for c in ids], result.threshold, ids,
+                                  tmp / "predictions.png")
+        client.log_artifact(run_id, str(tmp / "learning_curve.png"), "plots")
+        client.log_artifact(run_id, str(tmp / "predictions.png"), "plots")
+    return metrics
+
+
+def start_run(cfg: Config, kind: str, tags: dict | None = None, parent_run_id: str | None = None,
+              run_name: str | None = None) -> str:
+    """Create an MLflow run with the standard tags, every config value as a param and ``config.json``."""
+    exp_id = tracking.setup(cfg.experiment)
+    all_tags = tracking.base_tags(kind)
+    all_tags.update(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    client = MlflowClient()
+    run = client.create_run(exp_id, tags=all_tags, run_name=run_name or cfg.run_name or None)
+    run_id = run.info.run_id
+    tracking.log_params(run_id, cfg.to_dict())
+    tracking.log_json(run_id, cfg.to_dict(), "config.json")
+    return run_id
+
+
+def train_fold(cfg: Config, root: Path, split: ValidatedSplit, kind: str = "train", tags: dict | None = None,
+               parent_run_id: str | None = None, callbacks: list | None = None,
+               resume_run_id: str | None = None, killed: tuple[type[BaseException], ...] = (),
+               on_start=None) -> RunOutcome:
+    """Train ``cfg.fold`` as one MLflow run. ``resume_run_id`` continues that run from its last state."""
+    client = MlflowClient()
+    train_ids, val_ids = fold_ids(cfg, split, cfg.fold)
+    if resume_run_id:
+        run_id = resume_run_id
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "cloudseg.proc", tracking.process_tag())
+    else:
+        fp = tracking.data_fingerprint(root, "train", split.ids)
+        run_tags = {"cloudseg.data_fingerprint": fp, "cloudseg.fold": str(cfg.fold), "cloudseg.data": str(root)}
+        run_tags.update(tags or {})
+        run_id = start_run(cfg, kind, run_tags, parent_run_id)
+    import torch
+
+    client.set_tag(run_id, "cloudseg.device", "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    print(f"run {run_id}: fold {cfg.fold} with {len(train_ids)} training / {len(val_ids)} validation chips",
+          flush=True)
+    if on_start is not None:
+        on_start(run_id)
+    with tracking.run_status(run_id, killed):
+        trainer = Trainer(cfg, split, train_ids, val_ids, state_root() / run_id,
+                          [tracking.EpochLogger(run_id), *(callbacks or [])])
+        result = trainer.fit()
+        metrics = _log_fit(run_id, cfg, split, result)
+    return RunOutcome(run_id, result, metrics)
+
+
+def cross_validate(cfg: Config, root: Path, split: ValidatedSplit, resume_run_id: str | None = None) -> RunOutcome:
+    """Train every fold as a child of one ``cv`` parent run; log pooled out-of-fold ``cv_jaccard``.
+
+    The pooled figure uses each fold's kept model at the configured threshold: with ``keep=last`` and
+    ``tune_threshold=false`` nothing in it was chosen with the held-out labels.
+    """
+    client = MlflowClient()
+    n = len(location_folds(split.metadata.reset_index(), cfg.n_folds, cfg.seed))
+    done: dict[int, str] = {}
+    if resume_run_id:
+        parent = resume_run_id
+        client.update_run(parent, status="RUNNING")
+        exp = client.get_run(parent).info.experiment_id
+        for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'"):
+            if r.info.status == "FINISHED":
+                done[int(r.data.tags["cloudseg.fold"])] = r.info.run_id
+    else:
+        parent = start_run(cfg, "cv", {"cloudseg.data": str(root),
+                                       "cloudseg.data_fingerprint": tracking.data_fingerprint(root, "train",
+                                                                                               split.ids)})
+    t0 = time.time()
+    with tracking.run_status(parent):
+        rows = []
+        for fold in range(n):
+            if fold in done:
+                run_id = done[fold]
+                with tracking.scratch_dir() as tmp:
+                    per = pd.read_csv(tracking.download(run_id, "per_chip_jaccard.csv", tmp), dtype={"chip_id": str})
+            else:
+                fold_cfg = apply_overrides(cfg, {"fold": fold, "cv": False}, "cv")
+                out = train_fold(fold_cfg, root, split, "train", {"cloudseg.cv_parent": parent}, parent)
+                fixed = out.result.fixed_eval.per_chip.per_chip()
+                per = fixed.rename(columns={"intersection": "intersection_fixed", "union": "union_fixed"})
+            per["fold"] = fold
+            rows.append(per)
+        oof = pd.concat(rows, ignore_index=True)
+        acc = JaccardAccumulator()
+        for r in oof.itertuples():
+            acc.add_counts(r.chip_id, r.intersection_fixed, r.union_fixed)
+        suspects = suspect_ids(cfg, root)
+        clean = set(oof["chip_id"]) - suspects
+        metrics = {"cv_jaccard": acc.score(), "cv_jaccard_clean": acc.score(clean) if clean else float("nan"),
+                   "cv_folds": n, "wall_s": time.time() - t0, "cv_clean_chips": len(clean)}
+        for k, v in metrics.items():
+            client.log_metric(parent, k, float(v))
+        with tracking.scratch_dir() as tmp:
+            loc = acc.by_location(split.metadata.reset_index())
+            loc.to_csv(Path(tmp) / "cv_by_location.csv", index=False)
+            oof.to_csv(Path(tmp) / "cv_per_chip.csv", index=False)
+            client.log_artifact(parent, str(Path(tmp) / "cv_by_location.csv"))
+            client.log_artifact(parent, str(Path(tmp) / "cv_per_chip.csv"))
+    print(json.dumps({"cv_run_id": parent, **metrics}, indent=2), flush=True)
+    return RunOutcome(parent, None, metrics)

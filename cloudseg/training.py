@@ -1,0 +1,356 @@
+"""The training loop: plain PyTorch, CPU and CUDA, resumable. Returns metrics and calls callbacks.
+
+It never imports MLflow or Optuna: ``experiments/`` and ``cloudseg.tracking`` wire those in through callbacks
+(``on_epoch_end`` may raise to stop a run, e.g. ``optuna.TrialPruned``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from cloudseg.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+from cloudseg.config import Config
+from cloudseg.data.dataset import ChipDataset
+from cloudseg.data.transforms import Normalization, build_train_transform
+from cloudseg.data.validate import ValidatedSplit
+from cloudseg.losses import build_loss
+from cloudseg.metrics import JaccardAccumulator, ThresholdSweep
+from cloudseg.models import build_model, model_args
+
+
+class Callback(Protocol):
+    def __call__(self, epoch: int, metrics: dict) -> None: ...
+
+
+@dataclass
+class EvalResult:
+    """Validation of one model on one fold."""
+
+    jaccard: float  # pooled at the threshold used
+    threshold: float
+    per_chip: JaccardAccumulator
+    sweep: ThresholdSweep
+    probs: dict[str, np.ndarray] = field(default_factory=dict)  # chip id -> (H, W) float16, for kept chips
+
+
+@dataclass
+class FitResult:
+    best_val_jaccard: float
+    best_epoch: int
+    threshold: float  # the chosen decision threshold (tuned on validation when cfg.tune_threshold)
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict]
+    checkpoint: Path  # best model, self-describing (cloudseg.checkpoint format)
+    final_eval: EvalResult  # kept model re-evaluated at ``threshold``
+    fixed_eval: EvalResult  # kept model at the configured threshold (nothing tuned on validation labels)
+    wall_s: float
+
+
+def quiet() -> bool:
+    """Progress bars off under CI or when asked (TQDM_DISABLE); one line per epoch is printed regardless."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes") or bool(os.environ.get("TQDM_DISABLE"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but no CUDA device is available; use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX). Elsewhere (e.g. AVX2-only CPUs) bf16 autocast
+    is emulated and several times slower than fp32, so ``precision=auto`` stays in fp32 there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: fp16 AMP on CUDA, bf16 autocast on CPUs with native bf16, else None (fp32)."""
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lr_lambda(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
+    """Linear warm-up then cosine decay to 1% of the peak (per optimiser step)."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch), pct_start=0.2
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    dataset: ChipDataset,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    threshold: float,
+    batch_size: int = 4,
+    channels_last: bool = True,
+    keep_probs: set[str] | None = None,
+) -> EvalResult:
+    """Competition Jaccard of ``model`` on ``dataset`` (full chips), plus a threshold sweep."""
+    model.eval()
+    acc, sweep, kept = JaccardAccumulator(), ThresholdSweep(), {}
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for batch in loader:
+        x = batch["image"].to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            logits = model(x)
+        probs = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+        masks = batch["mask"][:, 0].numpy().astype(np.uint8)
+        for chip_id, p, m in zip(batch["chip_id"], probs, masks):
+            sweep.update(p, m)
+            acc.add(chip_id, (p >= threshold).astype(np.uint8), m)
+            if keep_probs and chip_id in keep_probs:
+                kept[chip_id] = p.astype(np.float16)
+    try:
+        j = acc.score()
+    except ValueError:  # no cloud anywhere in this fold nor predicted: perfect by convention of "nothing to find"
+        j = 1.0
+    return EvalResult(j, threshold, acc, sweep, kept)
+
+
+class Trainer:
+    """Fits one model on one (train_ids, val_ids) split and keeps a resumable state in ``state_dir``.
+
+    ``state_dir/last.pt`` holds everything needed to resume after the last completed epoch (model, optimiser,
+    scheduler, scaler, RNG states, history); ``state_dir/best.pt`` is the best model as a self-describing
+    checkpoint. Both are written atomically at the end of each epoch.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        split: ValidatedSplit,
+        train_ids: list[str],
+        val_ids: list[str],
+        state_dir: Path | str,
+        callbacks: list[Callback] | None = None,
+    ):
+        self.cfg, self.split = cfg, split
+        self.train_ids, self.val_ids = list(train_ids), list(val_ids)
+        self.state_dir = Path(state_dir)
+        self.callbacks = list(callbacks or [])
+        self.device = resolve_device(cfg.device)
+        self.dtype = autocast_dtype(cfg.precision, self.device)
+        self.normalization = Normalization()
+        if cfg.num_threads > 0:
+            torch.set_num_threads(cfg.num_threads)
+
+    # -------------------------------------------------------------- pieces
+    def build(self):
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        self.model_args = model_args(cfg.arch, cfg.encoder)
+        model = build_model(cfg.arch, cfg.encoder, encoder_weights=cfg.encoder_weights or None)
+        model.to(self.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.loss_fn = build_loss(cfg.loss)
+        self.train_ds = ChipDataset(self.split, self.train_ids, build_train_transform(cfg.crop_size or None,
+                                                                                       cfg.aug_strength),
+                                    self.normalization)
+        self.val_ds = ChipDataset(self.split, self.val_ids, None, self.normalization)
+        n = len(self.train_ds)
+        per_epoch = cfg.steps_per_epoch or max(1, n // cfg.batch_size if n >= cfg.batch_size else 1)
+        self.steps_per_epoch = per_epoch
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        sampler = RandomSampler(self.train_ds, replacement=n < per_epoch * cfg.batch_size,
+                                num_samples=per_epoch * cfg.batch_size, generator=self.generator)
+        self.train_loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                       num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = make_scheduler(cfg, self.optimizer, per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16 and self.device.type == "cuda")
+
+    def train_one_epoch(self, epoch: int) -> dict:
+        cfg, model = self.cfg, self.model
+        model.train()
+        losses, n_chips = [], 0
+        t0 = time.perf_counter()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=quiet())
+        for batch in bar:
+            x = batch["image"].to(self.device, non_blocking=True)
+            y = batch["mask"].to(self.device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.dtype):
+                logits = model(x)
+            loss = self.loss_fn(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}; lower lr or use fp32")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            losses.append(loss.item())
+            n_chips += x.shape[0]
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        dt = time.perf_counter() - t0
+        return {"train_loss": float(np.mean(losses)), "chips_per_s": n_chips / dt,
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _checkpoint(self, epoch: int, threshold: float, metrics: dict) -> dict:
+        return make_checkpoint(self.model, self.model_args, self.normalization.to_dict(), threshold,
+                               self.cfg.to_dict(), epoch, metrics)
+
+    def _save_state(self, epoch: int, best: float, best_epoch: int, history: list[dict], since_best: int) -> None:
+        state = {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "epoch": epoch, "best": best, "best_epoch": best_epoch, "history": history, "since_best": since_best,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "sampler": self.generator.get_state()},
+            "config": self.cfg.to_dict(),
+        }
+        tmp = self.state_dir / "last.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.state_dir / "last.pt")
+
+    def _load_state(self) -> dict | None:
+        path = self.state_dir / "last.pt"
+        if not path.is_file():
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self.generator.set_state(state["rng"]["sampler"])
+        return state
+
+    # -------------------------------------------------------------- loop
+    def fit(self) -> FitResult:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.build()
+        state = self._load_state()
+        start, best, best_epoch, history, since_best = 1, -1.0, 0, [], 0
+        if state is not None:
+            start, best, best_epoch = state["epoch"] + 1, state["best"], state["best_epoch"]
+            history, since_best = state["history"], state["since_best"]
+            print(f"resuming from {self.state_dir / 'last.pt'} after epoch {state['epoch']}", flush=True)
+        stopped_early = False
+        epoch = start - 1
+        for epoch in range(start, cfg.epochs + 1):
+            metrics = self.train_one_epoch(epoch)
+            ev = evaluate(self.model, self.val_ds, self.device, self.dtype, cfg.threshold, cfg.val_batch_size,
+                          cfg.channels_last)
+            metrics["val_jaccard"] = ev.jaccard
+            metrics["epoch"] = epoch
+            history.append(metrics)
+            if ev.jaccard > best or cfg.keep == "last":
+                best, best_epoch, since_best = ev.jaccard, epoch, 0
+                save_checkpoint(self._checkpoint(epoch, cfg.threshold, {"val_jaccard": ev.jaccard}),
+                                self.state_dir / "best.pt")
+            else:
+                since_best += 1
+            for cb in self.callbacks:  # logging first, so a state on disk implies its epoch was logged
+                cb(epoch, dict(metrics))
+            self._save_state(epoch, best, best_epoch, history, since_best)
+            print(f"epoch {epoch}/{cfg.epochs} train_loss={metrics['train_loss']:.4f} "
+                  f"val_jaccard={ev.jaccard:.4f} chips/s={metrics['chips_per_s']:.2f}", flush=True)
+            if cfg.early_stopping and since_best >= cfg.early_stopping:
+                stopped_early = True
+                break
+        # Re-evaluate the best model, choose the threshold, and store it in the checkpoint.
+        ckpt = load_checkpoint(self.state_dir / "best.pt")
+        self.model.load_state_dict(ckpt["state_dict"])
+        ev = evaluate(self.model, self.val_ds, self.device, self.dtype, cfg.threshold, cfg.val_batch_size,
+                      cfg.channels_last, keep_probs=set(self.val_ids[: cfg.plot_chips]))
+        fixed = ev
+        threshold = cfg.threshold
+        if cfg.tune_threshold:
+            try:
+                threshold, _ = ev.sweep.best()
+            except ValueError:
+                threshold = cfg.threshold
+        if threshold != cfg.threshold:
+            ev = evaluate(self.model, self.val_ds, self.device, self.dtype, threshold, cfg.val_batch_size,
+                          cfg.channels_last, keep_probs=set(self.val_ids[: cfg.plot_chips]))
+        final = self._checkpoint(ckpt["epoch"], threshold, {"best_val_jaccard": best, "val_jaccard_at_threshold":
+                                                            ev.jaccard})
+        path = save_checkpoint(final, self.state_dir / "best.pt")
+        return FitResult(best, best_epoch, threshold, epoch, stopped_early, history, path, ev, fixed,
+                         time.perf_counter() - t_start)
+
+
+def predict_probs(ckpt_path: Path | str, dataset: ChipDataset, device: str = "auto", precision: str = "auto",
+                  batch_size: int = 4) -> dict[str, np.ndarray]:
+    """Cloud probabilities of a checkpoint's model on full chips. Returns chip id -> (H, W) float32."""
+    ckpt = load_checkpoint(ckpt_path)
+    dev = resolve_device(device)
+    model = model_from_checkpoint(ckpt).to(dev).to(memory_format=torch.channels_last)
+    dtype = autocast_dtype(precision, dev)
+    out = {}
+    with torch.no_grad():
+        for batch in DataLoader(dataset, batch_size=batch_size):
+            x = batch["image"].to(dev).contiguous(memory_format=torch.channels_last)
+            with autocast(dev, dtype):
+                p = torch.sigmoid(model(x).float())[:, 0].cpu().numpy()
+            out.update(zip(batch["chip_id"], p))
+    return out

@@ -1,0 +1,241 @@
+"""An Optuna study over a training config, every trial a nested MLflow run.
+
+    python experiments/sweep.py --config experiments/configs/default.yaml --study NAME --n-trials N
+        [--timeout S] [--storage URL] [--workers K] [--data DIR] [--set key=value]... [--space FILE]
+
+Re-running the same command resumes the study. ``--n-trials`` counts trials across all workers of the study.
+The search space is read from ``<config>-space.yaml`` beside the config (else ``space.yaml``), or ``--space``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cloudseg.config import ConfigError, apply_overrides, load_config, validate_config  # noqa: E402
+
+
+class SurplusTrial(RuntimeError):
+    """Another worker already started the last trial the study needs."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="base training config (YAML, partial override of the defaults)")
+    p.add_argument("--study", required=True, help="study name (also tagged on every MLflow run)")
+    p.add_argument("--n-trials", type=int, required=True, help="trials in the study, counted across workers")
+    p.add_argument("--timeout", type=float, default=None, help="stop starting new trials after S seconds")
+    p.add_argument("--storage", default=None, help="SQLAlchemy URL (default: sqlite optuna.db at the repo root)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--data", help="data folder (same as --set data=DIR)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--space", type=Path, default=None, help="search-space YAML (default: beside the config)")
+    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def check_tracking() -> None:
+    """Fail early and clearly when the MLflow tracking store cannot be reached."""
+    from mlflow.tracking import MlflowClient
+
+    from cloudseg.paths import tracking_uri
+
+    try:
+        MlflowClient().search_experiments(max_results=1)
+    except Exception as exc:
+        raise SystemExit(f"cannot reach the MLflow tracking store {tracking_uri()!r}: {type(exc).__name__}: {exc}")
+
+
+def reconcile(study, client) -> None:
+    """Close the MLflow runs of trials that Optuna failed because their worker died (heartbeat)."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if not run_id or "error" in t.user_attrs:
+            continue
+        try:
+            run = client.get_run(run_id)
+        except Exception:
+            continue
+        if run.info.status == "RUNNING":
+            client.set_tag(run_id, "cloudseg.closed_by", "sweep: trial failed by Optuna heartbeat (worker died)")
+            client.set_terminated(run_id, "KILLED")
+            print(f"closed run {run_id} of trial {t.number} (its worker died)", flush=True)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from cloudseg import tracking
+    from cloudseg.paths import optuna_storage
+    from cloudseg.tracking.runs import load_split, start_run, train_fold
+    from cloudseg.tracking.study import (
+        counted, figures, in_flight_before, load_space, make_storage, open_study, space_beside, suggest,
+    )
+
+    cfg = load_config(args.config, args.sets, data=args.data)
+    space = load_space(args.space or space_beside(args.config))
+    url = args.storage or optuna_storage()
+    storage = make_storage(url)
+    study = open_study(args.study, storage, space, cfg, seed=cfg.seed + 1000 * args.worker_index)
+    print(f"[worker {args.worker_index}] study '{args.study}' on {url}: {counted(study)}/{args.n_trials} trials done",
+          flush=True)
+    check_tracking()
+    exp_id = tracking.setup(cfg.experiment)
+    client = MlflowClient()
+    tracking.close_stale_runs([exp_id])
+    reconcile(study, client)
+    root, split = load_split(cfg)
+    parent = start_run(cfg, "sweep", {"cloudseg.study": args.study, "cloudseg.worker": str(args.worker_index),
+                                      "cloudseg.storage": url.split("@")[-1]},
+                       run_name=f"{args.study}-worker{args.worker_index}")
+    deadline = time.time() + args.timeout if args.timeout else None
+
+    def objective(trial: optuna.Trial) -> float:
+        if in_flight_before(study, trial.number) >= args.n_trials:
+            trial.set_user_attr("surplus", True)
+            raise SurplusTrial(f"trial {trial.number}: the study already has {args.n_trials} trials")
+        params = suggest(trial, space)
+        tcfg = apply_overrides(cfg, params, "search space")
+        validate_config(tcfg)
+
+        def report(epoch: int, metrics: dict) -> None:
+            trial.report(metrics["val_jaccard"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {epoch} (val_jaccard={metrics['val_jaccard']:.4f})")
+
+        tags = {"cloudseg.study": args.study, "cloudseg.trial": str(trial.number)}
+        try:
+            out = train_fold(tcfg, root, split, "trial", tags, parent, [report], killed=(optuna.TrialPruned,),
+                             on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+        except optuna.TrialPruned:
+            client.set_tag(trial.user_attrs["mlflow_run_id"], "cloudseg.pruned", "true")
+            raise
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+            raise
+        return out.metrics["best_val_jaccard"]
+
+    with tracking.run_status(parent):
+        while counted(study) < args.n_trials and (deadline is None or time.time() < deadline):
+            study.optimize(objective, n_trials=1, catch=(Exception,))
+            reconcile(study, client)
+            client.set_tag(parent, "cloudseg.heartbeat", str(int(time.time())))
+            last = study.trials[-1]
+            if last.user_attrs.get("surplus"):
+                break
+        finish_parent(study, parent, client, figures)
+    return 0
+
+
+def finish_parent(study, parent: str, client, figures) -> None:
+    from optuna.trial import TrialState
+
+    from cloudseg import tracking
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    client.log_metric(parent, "trials_counted", float(len(complete)))
+    if complete:
+        best = study.best_trial
+        client.log_metric(parent, "best_value", float(best.value))
+        client.set_tag(parent, "cloudseg.best_trial", str(best.number))
+        tracking.log_json(parent, {"number": best.number, "value": best.value, "params": best.params,
+                                   "mlflow_run_id": best.user_attrs.get("mlflow_run_id")}, "best_trial.json")
+        for k, v in best.params.items():
+            client.set_tag(parent, f"best.{k}", str(v))
+    with tracking.scratch_dir() as tmp:
+        drawn = figures(study, Path(tmp) / "optuna")
+        for name, path in drawn.items():
+            if path.endswith(".png"):
+                client.log_artifact(parent, path, "optuna")
+            else:
+                client.set_tag(parent, f"optuna.{name}", path[:500])
+
+
+def launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run K worker processes on the same storage and report the study at the end."""
+    t0 = time.time()
+    prepare_stores(args)
+    if args.workers <= 1:
+        rc = run_worker(args)
+    else:
+        cleaned, skip = [], False
+        for a in argv:  # drop "--workers K"
+            if skip:
+                skip = False
+                continue
+            if a == "--workers":
+                skip = True
+                continue
+            if a.startswith("--workers="):
+                continue
+            cleaned.append(a)
+        procs = [subprocess.Popen([sys.executable, __file__, *cleaned, "--worker-index", str(i)],
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}) for i in range(args.workers)]
+        try:
+            codes = [p.wait() for p in procs]
+        except KeyboardInterrupt:
+            for p in procs:
+                p.terminate()
+            codes = [p.wait() for p in procs]
+        rc = max(codes)
+    summarize(args, time.time() - t0)
+    return rc
+
+
+def prepare_stores(args: argparse.Namespace) -> None:
+    """Create the study and the MLflow store once, before workers start, so they never race to create tables."""
+    from cloudseg import tracking
+    from cloudseg.paths import optuna_storage
+    from cloudseg.tracking.study import load_space, make_storage, open_study, space_beside
+
+    cfg = load_config(args.config, args.sets, data=args.data)
+    space = load_space(args.space or space_beside(args.config))
+    open_study(args.study, make_storage(args.storage or optuna_storage()), space, cfg, seed=cfg.seed)
+    check_tracking()
+    tracking.setup(cfg.experiment)
+
+
+def summarize(args: argparse.Namespace, wall: float) -> None:
+    import optuna
+    from optuna.trial import TrialState
+
+    from cloudseg.paths import optuna_storage
+    from cloudseg.tracking.study import counted
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=args.study, storage=args.storage or optuna_storage())
+    states = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
+    print(f"study={args.study} counted_trials={counted(study)} states={states} wall_s={wall:.1f}")
+    if states["COMPLETE"]:
+        print(f"best_val_jaccard={study.best_value:.6f} best_trial={study.best_trial.number} "
+              f"params={study.best_trial.params}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    from cloudseg import tracking
+    from cloudseg.tracking.study import StudyError
+
+    try:
+        load_config(args.config, args.sets, data=args.data)
+        tracking.echo_stores()
+        if args.worker_index:  # a worker started by launch()
+            return run_worker(args)
+        return launch(args, argv)
+    except (ConfigError, StudyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

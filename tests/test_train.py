@@ -1,0 +1,142 @@
+"""experiments/train.py end to end on CPU: tiny fixtures, a 1-epoch run, MLflow in a temporary store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cloudseg.checkpoint import load_checkpoint, model_from_checkpoint
+from cloudseg.config import ConfigError, load_config
+from cloudseg.paths import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "experiments"))
+import train as train_script  # noqa: E402
+
+TINY = ["--set", "encoder=resnet18", "--set", "epochs=1", "--set", "batch_size=2", "--set", "crop_size=64",
+        "--set", "n_folds=3", "--set", "val_batch_size=2", "--set", "plot_chips=2", "--set", "experiment=tiny"]
+
+
+@pytest.fixture
+def env(mlflow_tmp, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLOUDSEG_STATE_ROOT", str(tmp_path / "state"))
+    return mlflow_tmp
+
+
+def _only_run(experiment="tiny"):
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    return client, runs
+
+
+def test_one_epoch_run_is_fully_tracked(env, tiny_data, capsys):
+    assert train_script.main(["--data", str(tiny_data), *TINY]) == 0
+    client, runs = _only_run()
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["encoder"] == "resnet18" and run.data.params["epochs"] == "1"
+    assert set(run.data.params) >= {"data", "arch", "loss", "lr", "crop_size", "seed", "threshold"}
+    for name in ("best_val_jaccard", "threshold", "epochs_run", "wall_s"):
+        assert name in run.data.metrics
+    for name in ("train_loss", "val_jaccard", "lr", "chips_per_s"):
+        hist = client.get_metric_history(run.info.run_id, name)
+        assert [m.step for m in hist] == [1]
+    tags = run.data.tags
+    assert tags["cloudseg.kind"] == "train"
+    assert len(tags["cloudseg.data_fingerprint"]) == 16
+    assert tags["cloudseg.git_dirty"] in ("true", "false") and tags["cloudseg.git_commit"]
+    assert tags["cloudseg.device"] == "cpu" and tags["cloudseg.torch_version"] == torch.__version__
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "checkpoint", "plots", "per_chip_jaccard.csv"} <= arts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/learning_curve.png", "plots/predictions.png"}
+    assert f"run_id={run.info.run_id}" in capsys.readouterr().out
+
+
+def test_checkpoint_rebuilds_model_alone(env, tiny_data, tmp_path):
+    train_script.main(["--data", str(tiny_data), *TINY])
+    client, runs = _only_run()
+    path = Path(client.download_artifacts(runs[0].info.run_id, "checkpoint/best.pt", str(tmp_path)))
+    ckpt = load_checkpoint(path)
+    assert ckpt["model"]["arch"] == "Unet" and ckpt["model"]["encoder_name"] == "resnet18"
+    assert ckpt["config"]["encoder"] == "resnet18"
+    assert 0 < ckpt["threshold"] < 1 and ckpt["threshold"] == pytest.approx(runs[0].data.metrics["threshold"])
+    assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
+    # only tensors and plain types: loads with weights_only (what torch 1.8 can unpickle)
+    torch.load(path, weights_only=True)
+    model = model_from_checkpoint(ckpt)
+    out = model(torch.zeros(1, 4, 64, 64))
+    assert out.shape == (1, 1, 64, 64)
+
+
+def test_set_errors(env, tiny_data, capsys):
+    assert train_script.main(["--set", "nope=1"]) == 2
+    assert "unknown config key(s) ['nope']" in capsys.readouterr().err
+    assert train_script.main(["--set", "epochs=two"]) == 2
+    assert "'epochs' must be int, got 'two'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="crop_size=100"):
+        load_config(None, ["crop_size=100"])
+
+
+def test_yaml_configs_load():
+    for path in (REPO_ROOT / "experiments" / "configs").glob("*.yaml"):
+        if path.stem == "space" or path.stem.endswith("-space"):  # search spaces, not configs
+            continue
+        load_config(path)
+
+
+def test_raising_run_ends_failed(env, tiny_data, monkeypatch):
+    from cloudseg import training
+
+    def boom(self, epoch):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(training.Trainer, "train_one_epoch", boom)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_script.main(["--data", str(tiny_data), *TINY])
+    _, runs = _only_run()
+    assert runs[0].info.status == "FAILED"
+    assert "simulated crash" in runs[0].data.tags["cloudseg.error"]
+
+
+@pytest.mark.slow
+def test_kill_then_resume_continues_from_checkpoint(env, tiny_data, tmp_path):
+    """SIGKILL a 3-epoch run after its first epoch; --resume finishes it from epoch 2 in the same run."""
+    args = [sys.executable, str(REPO_ROOT / "experiments" / "train.py"), "--data", str(tiny_data), *TINY,
+            "--set", "epochs=3"]
+    env_vars = {**os.environ, "CI": "", "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_vars)
+    lines = []
+    deadline = time.time() + 240
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("epoch 1/3"):
+            proc.send_signal(signal.SIGKILL)
+            break
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail("no epoch finished in time:\n" + "".join(lines))
+    proc.wait()
+    client, runs = _only_run()
+    run_id = runs[0].info.run_id
+    assert runs[0].info.status == "RUNNING", (runs[0].data.tags.get("cloudseg.error"), "".join(lines))  # killed
+    state = torch.load(tmp_path / "state" / run_id / "last.pt", weights_only=False)
+    assert state["epoch"] == 1
+    res = subprocess.run([sys.executable, str(REPO_ROOT / "experiments" / "train.py"), "--resume", run_id],
+                         capture_output=True, text=True, env=env_vars, timeout=400)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "resuming from" in res.stdout and "after epoch 1" in res.stdout
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "val_jaccard")] == [1, 2, 3]
+    assert run.data.metrics["epochs_run"] == 3
