@@ -49,6 +49,31 @@ def validate(
     typer.echo(f"{data} [{split}]: {len(result.ids)} chips, {n_loc} locations, labels={result.has_labels}: ok")
 
 
+@app.command("verify-submission")
+def verify_submission_cmd(
+    zip_path: Path = typer.Argument(..., help="Submission zip with main.py at its root."),
+    features: Path = typer.Option(..., "--features", help="Folder of chip folders (the runtime's test_features)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Folder of <chip_id>.tif labels: print Jaccard."),
+    runtime: bool = typer.Option(False, "--runtime", help="Run main.py with .venv-runtime/bin/python."),
+    python: Optional[Path] = typer.Option(None, "--python", help="Run main.py with this interpreter."),
+    timeout: float = typer.Option(14400, "--timeout", help="Seconds main.py may run (the runtime allows 4 h)."),
+) -> None:
+    """Run a submission like the competition runtime (read-only data, no network, time limit) and check it."""
+    from cloudseg.submission.verify import runtime_python, verify_submission
+
+    if runtime and python is not None:
+        typer.echo("give either --runtime or --python, not both", err=True)
+        raise typer.Exit(2)
+    try:
+        interpreter = runtime_python() if runtime else python
+        result = verify_submission(zip_path, features, labels=labels, python=interpreter, timeout=timeout,
+                                   echo=typer.echo)
+    except FileNotFoundError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(0 if result.ok else 1)
+
+
 @app.command()
 def synth(
     out: Path = typer.Option(..., "--out", help="Folder to create (competition layout)."),

@@ -32,7 +32,7 @@ class Config:
     cv: bool = False  # train every fold under one parent run and log the pooled out-of-fold cv_jaccard
     # --- model
     arch: str = "Unet"  # smp architecture (see cloudseg.models.ARCHITECTURES)
-    encoder: str = "mobilenet_v2"  # smp encoder; light and present in the runtime's smp 0.2.1
+    encoder: str = "timm-mobilenetv3_large_100"  # smp encoder; light, and promotable to the runtime's smp 0.2.1
     encoder_weights: str = ""  # "" = random init (no download); "imagenet" for machines with network
     # --- optimisation
     loss: str = "0.5*bce+0.5*dice"  # loss names with weights, see cloudseg.losses
@@ -52,7 +52,7 @@ class Config:
     # --- numerics and speed
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto = fp16 AMP on CUDA, bf16 autocast on CPUs with native bf16 (else fp32)
-    channels_last: bool = True  # NHWC memory format (faster convolutions on CPU and CUDA)
+    channels_last: str = "auto"  # NHWC memory format: auto = on CUDA and with CPU bf16; off for fp32 on CPU (slower)
     num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default (all cores)
     num_workers: int = 0  # DataLoader workers; chips are in memory, so 0 is usually fastest on 2 cores
     seed: int = 0  # seeds python, numpy and torch; also shuffles which locations share a fold
@@ -173,6 +173,8 @@ def validate_config(cfg: Config) -> None:
          f"scheduler={cfg.scheduler!r} must be one of cosine, onecycle, constant"),
         (cfg.precision in ("auto", "bf16", "fp16", "fp32"),
          f"precision={cfg.precision!r} must be one of auto, bf16, fp16, fp32"),
+        (cfg.channels_last in ("auto", "true", "false"),
+         f"channels_last={cfg.channels_last!r} must be auto, true or false"),
         (cfg.pruner in ("median", "hyperband", "none"), f"pruner={cfg.pruner!r} must be median, hyperband or none"),
         (cfg.keep in ("best", "last"), f"keep={cfg.keep!r} must be best or last"),
         (cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r} must be auto, cpu or cuda"),

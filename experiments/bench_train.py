@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.build()
         model, dev = trainer.model, trainer.device
         batch = next(iter(trainer.train_loader))
-        x = batch["image"].to(dev).contiguous(memory_format=torch.channels_last if cfg.channels_last else
+        x = batch["image"].to(dev).contiguous(memory_format=torch.channels_last if trainer.channels_last else
                                               torch.contiguous_format)
         y = batch["mask"].to(dev)
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             pipe_best = max(pipe_best, pipeline())
     overhead = 1 - pipe_best / pure_best
     print(f"{'recipe':<28}{cfg.arch}+{cfg.encoder} batch={cfg.batch_size} crop={cfg.crop_size} "
-          f"precision={cfg.precision} channels_last={cfg.channels_last} threads={torch.get_num_threads()}")
+          f"dtype={trainer.dtype} channels_last={trainer.channels_last} threads={torch.get_num_threads()}")
     print(f"{'pure fwd+bwd chips/s':<28}{pure_best:.3f}")
     print(f"{'pipeline chips/s':<28}{pipe_best:.3f}")
     print(f"overhead={overhead:.3f}")

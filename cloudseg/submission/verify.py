@@ -1,0 +1,505 @@
+"""Run a submission zip the way the competition runtime does, then apply the runtime's own checks.
+
+``verify_submission`` unzips into a fresh ``<tmp>/codeexecution`` tree, copies the test features to
+``codeexecution/data/test_features`` (read-only; hashed before and after because root can write anyway), runs
+``python main.py`` there with ``CLOUDSEG_ROOT`` set, the network blocked and a time limit, streams its output,
+and then checks the predictions (none missing, none extra, PIL opens each as 512x512, values {0, 1}, at most
+524,288 bytes), scores them when labels are given, and reports main.py's throughput and the time 10,980 chips
+would take here.
+
+Network blocking is best effort, in two layers: a fresh network namespace (``unshare -n``, available to root)
+where it works, else proxy variables pointing nowhere; and always an audit hook (``sitecustomize.py`` on
+``PYTHONPATH``) that refuses and reports every internet socket connect or name lookup made from Python.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+from cloudseg.paths import RUNTIME_PYTHON
+
+MAX_BYTES = 524_288  # the runtime's limit per prediction file
+CHIP_SIZE = 512
+TEST_CHIPS = 10_980  # size of the competition's test set, for the time projection
+DEFAULT_TIMEOUT_S = 14_400  # the runtime's 4 hours
+NETWORK_MARK = "cloudseg-network-guard: blocked"
+MAX_LISTED = 20  # per kind of failure; the rest is counted
+
+# Top-level modules a submission may import: the runtime's packages (COMPETITION.md), the packages they pull
+# in that code commonly imports, and the standard library.
+RUNTIME_IMPORTS = frozenset({
+    "numpy", "torch", "torchvision", "segmentation_models_pytorch", "timm", "pandas", "rasterio", "tifffile",
+    "PIL", "sklearn", "skimage", "scipy", "albumentations", "ttach", "loguru", "typer", "tqdm",
+    "pystac_client", "planetary_computer", "xarray", "stackstac", "pytorch_lightning", "efficientnet_pytorch",
+    "pretrainedmodels", "cv2", "yaml", "affine", "click",
+})
+
+_FORBIDDEN_PARTS = {"__pycache__", ".ipynb_checkpoints", ".git", ".env", ".netrc", ".pypirc", ".aws", ".ssh",
+                    "id_rsa", "id_ed25519", "credentials", "credentials.json", ".mlflow", "mlruns"}
+_FORBIDDEN_SUFFIXES = {".pyc", ".pyo", ".ipynb", ".pem", ".key", ".p12", ".pfx", ".db"}
+
+_GUARD = '''"""Installed by cloudseg verify-submission: refuse and report internet connections from Python."""
+import os
+import sys
+
+
+def _cloudseg_network_guard(event, args):
+    if event not in ("socket.connect", "socket.sendto", "socket.getaddrinfo", "socket.gethostbyname",
+                     "socket.gethostbyname_ex", "socket.gethostbyaddr"):
+        return
+    if event in ("socket.connect", "socket.sendto"):
+        import socket
+        if getattr(args[0], "family", None) == getattr(socket, "AF_UNIX", None):
+            return  # local IPC, not network
+        target = args[1]
+    else:
+        target = args[0]
+    message = "%s %s %r (pid %d)" % ("''' + NETWORK_MARK + '''", event, target, os.getpid())
+    path = os.environ.get("CLOUDSEG_NETWORK_LOG")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(message + "\\n")
+    sys.stderr.write(message + "\\n")
+    raise PermissionError(message)
+
+
+sys.addaudithook(_cloudseg_network_guard)
+'''
+
+
+@dataclass
+class VerifyResult:
+    """What ``verify_submission`` found. ``ok`` is True only when every check passed."""
+
+    ok: bool
+    failures: list[str]
+    n_chips: int
+    n_predictions: int
+    returncode: int | None = None
+    timed_out: bool = False
+    wall_s: float = 0.0
+    chips_per_s: float | None = None
+    chips_per_s_source: str = ""
+    projected_s: float | None = None  # for TEST_CHIPS chips on this machine
+    jaccard: float | None = None
+    network: str = ""
+    python: str = ""
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def last_line(self) -> str:
+        if not self.ok:
+            return f"verify failed: {len(self.failures)} problem(s)"
+        return f"jaccard={self.jaccard:.10f}" if self.jaccard is not None else "checks passed"
+
+
+def runtime_python() -> Path:
+    """The competition runtime's interpreter (``.venv-runtime/bin/python``); raises when it was not built."""
+    if not RUNTIME_PYTHON.is_file():
+        raise FileNotFoundError(f"{RUNTIME_PYTHON} does not exist: run make runtime-env")
+    return RUNTIME_PYTHON
+
+
+def write_network_guard(folder: Path | str) -> Path:
+    """Write the audit-hook ``sitecustomize.py`` into ``folder`` (for PYTHONPATH); returns ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(_GUARD)
+    return folder
+
+
+def _fmt_s(seconds: float) -> str:
+    s = max(0, int(round(seconds)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _listed(prefix: str, items: list[str]) -> list[str]:
+    """One failure line per item, capped at MAX_LISTED plus a count of the rest."""
+    lines = [f"{prefix}{it}" for it in items[:MAX_LISTED]]
+    if len(items) > MAX_LISTED:
+        lines.append(f"{prefix}... and {len(items) - MAX_LISTED} more")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------- zip checks
+
+def check_sources(sources: dict[str, str]) -> list[str]:
+    """Python files of a submission must parse as Python 3.9 and import only runtime packages or each other.
+
+    Args:
+        sources: relative path -> file text for every ``.py`` file of the submission.
+    """
+    local = {PurePosixPath(p).parts[0].removesuffix(".py") for p in sources}
+    local |= {PurePosixPath(p).stem for p in sources}
+    allowed = RUNTIME_IMPORTS | set(sys.stdlib_module_names) | local | {"__future__"}
+    problems = []
+    for name, text in sorted(sources.items()):
+        try:
+            tree = ast.parse(text, filename=name, feature_version=(3, 9))
+        except SyntaxError as exc:
+            problems.append(f"{name}: does not parse as Python 3.9 (line {exc.lineno}: {exc.msg})")
+            continue
+        for node in ast.walk(tree):
+            mods = []
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                mods = [node.module]
+            for mod in mods:
+                top = mod.split(".")[0]
+                if top not in allowed:
+                    problems.append(
+                        f"{name}: line {node.lineno} imports {mod!r}, which the runtime does not have")
+    return problems
+
+
+def check_zip(zip_path: Path | str) -> tuple[list[str], bool]:
+    """Layout checks on the archive itself.
+
+    Returns:
+        (problems, safe_to_extract): safe is False when a member would land outside the extraction folder.
+    """
+    zip_path = Path(zip_path)
+    problems: list[str] = []
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        return [f"{zip_path}: not a readable zip ({exc})"], False
+    safe = True
+    sources: dict[str, str] = {}
+    with zf:
+        names = zf.namelist()
+        if "main.py" not in names:
+            nested = [n for n in names if n.endswith("/main.py")]
+            where = f" (found {nested[0]}: it must be at the root, not in a folder)" if nested else ""
+            problems.append(f"{zip_path}: main.py is not at the zip root{where}")
+        for info in zf.infolist():
+            name = info.filename
+            parts = [p for p in re.split(r"[/\\]", name) if p]
+            if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+                problems.append(f"{name}: absolute path in the zip")
+                safe = False
+            if ".." in parts:
+                problems.append(f"{name}: '..' in a zip path")
+                safe = False
+            if stat.S_ISLNK(info.external_attr >> 16):
+                problems.append(f"{name}: symbolic link in the zip")
+                safe = False
+            bad = [p for p in parts if p in _FORBIDDEN_PARTS or p.startswith(".env")
+                   or "secret" in p.lower() or PurePosixPath(p).suffix.lower() in _FORBIDDEN_SUFFIXES]
+            if bad:
+                problems.append(f"{name}: caches, notebooks, stores or secrets do not belong in a submission")
+            if name.endswith(".py") and not info.is_dir():
+                sources[name] = zf.read(info).decode("utf-8", errors="replace")
+    return problems + check_sources(sources), safe
+
+
+# -------------------------------------------------------------------------------------------------- data tree
+
+def hash_tree(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (symlinks followed), keyed by relative path; folders map to ''."""
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, root)
+        out[rel_dir + "/"] = ""
+        for f in sorted(filenames):
+            h = hashlib.sha256()
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            out[os.path.normpath(os.path.join(rel_dir, f))] = h.hexdigest()
+    return out
+
+
+def _set_tree_mode(root: Path, writable: bool) -> None:
+    """Read-only (dirs 0555, files 0444) or back to writable for clean-up."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o755 if writable else 0o555)
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if not os.path.islink(p):
+                os.chmod(p, 0o644 if writable else 0o444)
+
+
+def chip_ids(features: Path) -> list[str]:
+    """Chip folders as the runtime sees them: sub-folders not starting with '.'."""
+    return sorted(p.name for p in features.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+# -------------------------------------------------------------------------------------------- running main.py
+
+def _network_isolation() -> tuple[list[str], str]:
+    """Command prefix and a description of how the network is blocked for main.py."""
+    unshare = shutil.which("unshare")
+    if unshare:
+        try:
+            r = subprocess.run([unshare, "-n", "true"], capture_output=True, timeout=20)
+            if r.returncode == 0:
+                return ([unshare, "-n", "--"],
+                        "network namespace without interfaces (unshare -n) + audit-hook guard")
+            why = (r.stderr.decode(errors="replace").strip() or f"exit {r.returncode}").splitlines()[0]
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            why = str(exc)
+    else:
+        why = "unshare not installed"
+    return [], f"proxy variables set to an invalid address + audit-hook guard (no network namespace: {why})"
+
+
+def _run_main(python: str, codeexecution: Path, guard_dir: Path, timeout: float, echo: Callable[[str], None],
+              prefix: list[str]) -> tuple[int | None, bool, float, list[str]]:
+    """Run ``python main.py`` in ``codeexecution``, streaming its lines.
+
+    Returns:
+        (returncode, timed_out, wall_s, lines).
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    blackhole = "http://127.0.0.1:9"  # discard port: connections fail at once
+    env.update(
+        CLOUDSEG_ROOT=str(codeexecution), PYTHONPATH=str(guard_dir), PYTHONUNBUFFERED="1",
+        PYTHONNOUSERSITE="1", PYTHONDONTWRITEBYTECODE="1", HF_HUB_OFFLINE="1", HTTP_PROXY=blackhole,
+        HTTPS_PROXY=blackhole,
+        http_proxy=blackhole, https_proxy=blackhole, ALL_PROXY=blackhole, NO_PROXY="", no_proxy="",
+        CLOUDSEG_NETWORK_LOG=str(guard_dir / "network.log"),
+    )
+    cmd = prefix + [python, "main.py"]
+    lines: list[str] = []
+    start = time.time()
+    proc = subprocess.Popen(cmd, cwd=codeexecution, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
+                            start_new_session=True)
+
+    def pump() -> None:
+        assert proc.stdout is not None  # set by stdout=PIPE; not validation
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            lines.append(line)
+            echo(f"[main.py] {line}")
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    reader.join(timeout=10)
+    return proc.returncode, timed_out, time.time() - start, lines
+
+
+# ------------------------------------------------------------------------------------------ prediction checks
+
+def check_predictions(pred_dir: Path, ids: list[str]) -> list[str]:
+    """The runtime's checks; each failure names the file."""
+    if not pred_dir.is_dir():
+        return [f"{pred_dir}: main.py wrote no predictions folder"]
+    import numpy as np
+    from PIL import Image
+
+    expected = {f"{c}.tif" for c in ids}
+    present = set(os.listdir(pred_dir))
+    failures = _listed("missing prediction: ", [str(pred_dir / n) for n in sorted(expected - present)])
+    failures += _listed("extra file: ", [str(pred_dir / n) for n in sorted(present - expected)])
+    size, shape, values, unreadable = [], [], [], []
+    for name in sorted(expected & present):
+        path = pred_dir / name
+        n_bytes = path.stat().st_size
+        if n_bytes > MAX_BYTES:
+            size.append(f"{path}: {n_bytes:,} bytes > {MAX_BYTES:,}")
+        try:
+            with Image.open(path) as img:
+                arr = np.array(img)
+        except Exception as exc:  # PIL raises several types for bad files
+            unreadable.append(f"{path}: PIL cannot open it ({exc})")
+            continue
+        if arr.shape != (CHIP_SIZE, CHIP_SIZE):
+            shape.append(f"{path}: shape {arr.shape}, expected ({CHIP_SIZE}, {CHIP_SIZE})")
+        bad = np.setdiff1d(np.unique(arr), [0, 1])
+        if bad.size:
+            values.append(f"{path}: values {bad[:5].tolist()} not in {{0, 1}}")
+    for prefix, items in (("unreadable: ", unreadable), ("wrong shape: ", shape), ("bad values: ", values),
+                          ("too large: ", size)):
+        failures += _listed(prefix, items)
+    return failures
+
+
+_PIL_CHECK = """
+import sys, numpy as np
+from PIL import Image
+bad = 0
+for p in sys.argv[1:]:
+    try:
+        with Image.open(p) as img:
+            a = np.array(img)
+        if a.shape != (512, 512):
+            raise ValueError("shape %s" % (a.shape,))
+    except Exception as exc:
+        bad += 1
+        print("%s: %s" % (p, exc))
+sys.exit(1 if bad else 0)
+"""
+
+
+def _check_with_interpreter(python: str, pred_dir: Path, ids: list[str]) -> list[str]:
+    """Open every prediction with the PIL of ``python`` (the runtime's pillow 8.2 under --runtime)."""
+    paths = [str(pred_dir / f"{c}.tif") for c in ids if (pred_dir / f"{c}.tif").is_file()]
+    failures = []
+    for i in range(0, len(paths), 500):  # stay far below the argument-length limit
+        r = subprocess.run([python, "-c", _PIL_CHECK, *paths[i:i + 500]], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": ""})
+        if r.returncode:
+            failures += [f"PIL of {python}: {ln}" for ln in (r.stdout + r.stderr).strip().splitlines()]
+    return failures[:MAX_LISTED]
+
+
+def _throughput(lines: list[str], n_pred: int, wall_s: float) -> tuple[float | None, str, float | None]:
+    """chips/s (preferring main.py's own figure) and the projected seconds for TEST_CHIPS chips."""
+    for line in reversed(lines):
+        m = re.search(r"throughput chips_per_s=([0-9.eE+-]+)", line)
+        if m and float(m.group(1)) > 0:
+            cps = float(m.group(1))
+            startup = max(0.0, wall_s - n_pred / cps)
+            source = "main.py's own log: first read to last write, interpreter start and model load excluded"
+            return cps, source, TEST_CHIPS / cps + startup
+    if n_pred and wall_s > 0:
+        cps = n_pred / wall_s
+        return cps, "timed subprocess, interpreter start and model load included", TEST_CHIPS / cps
+    return None, "", None
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+
+def verify_submission(
+    zip_path: Path | str,
+    features: Path | str,
+    labels: Path | str | None = None,
+    python: Path | str | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    echo: Callable[[str], None] = print,
+    keep: Path | str | None = None,
+) -> VerifyResult:
+    """Verify a submission zip end to end (see the module docstring).
+
+    Args:
+        zip_path: the submission zip (``main.py`` at its root).
+        features: a folder of chip folders (``<chip_id>/B02.tif ...``), the runtime's ``data/test_features``.
+        labels: optional folder of ``<chip_id>.tif`` labels; when given, the pooled Jaccard is computed.
+        python: interpreter for main.py (default: the current one; ``runtime_python()`` for the runtime's).
+        timeout: seconds main.py may run (the runtime allows 4 hours).
+        echo: where progress and main.py's streamed output go; the last line echoed is ``result.last_line``.
+        keep: run in this (new or empty) folder and leave it in place, instead of a deleted temporary one.
+    """
+    zip_path, features = Path(zip_path), Path(features)
+    python = str(python or sys.executable)
+    if not zip_path.is_file():
+        raise FileNotFoundError(f"submission zip {zip_path} does not exist")
+    if not features.is_dir():
+        raise FileNotFoundError(f"features folder {features} does not exist")
+    if labels is not None and not Path(labels).is_dir():
+        raise FileNotFoundError(f"labels folder {labels} does not exist")
+    ids = chip_ids(features)
+    result = VerifyResult(ok=False, failures=[], n_chips=len(ids), n_predictions=0, python=python)
+    echo(f"verify {zip_path} on {len(ids)} chips from {features}")
+
+    zip_problems, safe = check_zip(zip_path)
+    result.failures += zip_problems
+    for p in zip_problems:
+        echo(f"FAIL {p}")
+    if not safe or any("main.py is not at the zip root" in p for p in zip_problems) or \
+            any("not a readable zip" in p for p in zip_problems):
+        echo(result.last_line)
+        return result
+
+    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="cloudseg-verify-"))
+    work.mkdir(parents=True, exist_ok=True)
+    codeexecution = work / "codeexecution"
+    data = codeexecution / "data"
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            zf.extractall(codeexecution)
+        shutil.copytree(features, data / "test_features", symlinks=False)
+        before = hash_tree(data)
+        _set_tree_mode(data, writable=False)
+        guard = write_network_guard(work / "guard")
+        prefix, result.network = _network_isolation()
+        echo(f"python: {python}")
+        echo(f"network: {result.network}")
+        echo(f"time limit: {timeout:.0f} s; running main.py in {codeexecution}")
+        rc, result.timed_out, result.wall_s, result.log = _run_main(
+            python, codeexecution, guard, timeout, echo, prefix)
+        result.returncode = rc
+        if result.timed_out:
+            result.failures.append(f"main.py exceeded the time limit of {timeout:.0f} s and was killed")
+        elif rc != 0:
+            result.failures.append(f"main.py exited with status {rc}")
+        attempts = [ln for ln in result.log if NETWORK_MARK in ln]
+        net_log = guard / "network.log"
+        if net_log.is_file():
+            attempts += net_log.read_text().splitlines()
+        if attempts:
+            result.failures.append(f"main.py tried to use the network: {attempts[0]}")
+        _set_tree_mode(data, writable=True)
+        after = hash_tree(data)
+        if after != before:
+            changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            result.failures += _listed("main.py changed the read-only data: ",
+                                       [str(data / c) for c in changed])
+
+        pred_dir = codeexecution / "predictions"
+        pred_failures = check_predictions(pred_dir, ids)
+        if python != sys.executable and pred_dir.is_dir():
+            pred_failures += _check_with_interpreter(python, pred_dir, ids)
+        result.failures += pred_failures
+        result.n_predictions = sum((pred_dir / f"{c}.tif").is_file() for c in ids) if pred_dir.is_dir() else 0
+        result.chips_per_s, result.chips_per_s_source, result.projected_s = _throughput(
+            result.log, result.n_predictions, result.wall_s)
+
+        if labels is not None and not pred_failures:
+            from cloudseg.metrics import score_folders
+
+            try:
+                result.jaccard = score_folders(pred_dir, labels).score()
+            except Exception as exc:  # missing predictions for labels, empty union
+                result.failures.append(f"scoring against {labels} failed: {exc}")
+    finally:
+        if not keep:
+            if data.exists():
+                _set_tree_mode(data, writable=True)
+            shutil.rmtree(work, ignore_errors=True)
+
+    result.ok = not result.failures
+    echo(f"predictions: {result.n_predictions}/{result.n_chips}; main.py wall time {result.wall_s:.1f} s")
+    if result.chips_per_s:
+        echo(f"throughput: {result.chips_per_s:.3f} chips/s ({result.chips_per_s_source})")
+        over = result.projected_s > DEFAULT_TIMEOUT_S
+        on_cpu = any(re.search(r"\bdevice=cpu\b", ln) for ln in result.log)
+        note = ""
+        if over:
+            note = " over the limit here" + (" (main.py ran on CPU; the runtime has a GPU)" if on_cpu else "")
+        echo(f"projected time for {TEST_CHIPS:,} chips here: {_fmt_s(result.projected_s)} "
+             f"(limit {_fmt_s(DEFAULT_TIMEOUT_S)}){note}")
+    for f in result.failures[len(zip_problems):]:
+        echo(f"FAIL {f}")
+    if result.jaccard is not None:
+        echo(f"pooled Jaccard on {labels}: {result.jaccard:.10f}")
+    echo(result.last_line)
+    return result
