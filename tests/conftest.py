@@ -50,9 +50,22 @@ def real_data() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory) -> Path:
+    """An empty, fully migrated MLflow sqlite store, made once: creating one runs every schema migration."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def mlflow_tmp(tmp_path, monkeypatch):
-    """A throwaway sqlite MLflow store; returns its tracking URI."""
+def mlflow_tmp(tmp_path, monkeypatch, _mlflow_template):
+    """A throwaway sqlite MLflow store (a copy of the migrated template); yields its tracking URI."""
+    import shutil
+
+    shutil.copyfile(_mlflow_template, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("CLOUDSEG_MLARTIFACTS", str(tmp_path / "mlartifacts"))
