@@ -42,7 +42,7 @@ dashboard: setup  ## optuna-dashboard for optuna.db
 	$(VENV)/bin/optuna-dashboard --host $(HOST) --port 8080 sqlite:///$(CURDIR)/optuna.db
 
 lab: setup  ## Jupyter Lab on the notebooks
-	$(VENV)/bin/jupyter lab --ip $(HOST) --no-browser notebooks/
+	$(VENV)/bin/jupyter lab --ip $(HOST) --no-browser $(if $(filter 0,$(shell id -u)),--allow-root,) notebooks/
 
 runtime-env:  ## .venv-runtime: the competition runtime's Python 3.9 and pinned packages
 	bash scripts/make_runtime_env.sh

@@ -1,11 +1,35 @@
-"""Pictures of chips: colour composites and galleries, drawn without pyplot so no global state leaks."""
+"""Figures of chips, labels, predictions and runs, drawn without pyplot so no global state leaks.
+
+Functions that build a figure return the ``matplotlib.figure.Figure`` and save it too when given a ``path``;
+the older ``chip_gallery``, ``learning_curve`` and ``prediction_overlays`` save a PNG and return its path.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from cloudseg.metrics import ThresholdSweep
+
+REFLECTANCE_SCALE = 10_000.0  # chips hold reflectance x 10,000
+CLOUD_COLOR = "#1f77b4"
+CLEAR_COLOR = "#ff7f0e"
+
+
+def _save(fig: Figure, path: Path | str | None, dpi: int = 100) -> Figure:
+    """Write ``fig`` to ``path`` (parents created) when a path is given; return the figure."""
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+    return fig
 
 
 def rgb_preview(
@@ -55,28 +79,23 @@ def false_color(image: np.ndarray, percentiles: tuple[float, float] | None = (2,
     return rgb_preview(image, bands=(3, 2, 1), percentiles=percentiles)
 
 
-def chip_gallery(
+def gallery_figure(
     images: Sequence[np.ndarray],
     labels: Sequence[np.ndarray | None],
     titles: Sequence[str],
-    path: Path | str,
     ncols: int = 6,
     panel_inches: float = 2.6,
     value_range: tuple[float, float] | None = None,
-) -> Path:
-    """Save a PNG grid of chips in natural colour with the cloud label outlined and lightly tinted.
+) -> Figure:
+    """A grid of chips in natural colour with the cloud label outlined and lightly tinted.
 
     Args:
         images: Chips, each (4, H, W) in the order B02, B03, B04, B08.
         labels: Masks (1 = cloud), each (H, W), or None for a chip shown without a label.
         titles: One caption per chip.
-        path: Output PNG; parent folders are created.
         ncols: Panels per row.
         panel_inches: Size of each panel.
         value_range: Fixed stretch for all chips; per-chip 2-98 percentiles when None.
-
-    Returns:
-        The path written.
     """
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
@@ -87,8 +106,6 @@ def chip_gallery(
         )
     if not images:
         raise ValueError("chip_gallery needs at least one chip")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ncols = max(1, min(ncols, len(images)))
     nrows = -(-len(images) // ncols)
     fig = Figure(figsize=(ncols * panel_inches, nrows * (panel_inches + 0.25)), layout="constrained")
@@ -106,7 +123,22 @@ def chip_gallery(
         ax.set_axis_off()
     for ax in axes.flat[len(images) :]:
         ax.set_axis_off()
-    fig.savefig(path, dpi=100)
+    return fig
+
+
+def chip_gallery(
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray | None],
+    titles: Sequence[str],
+    path: Path | str,
+    ncols: int = 6,
+    panel_inches: float = 2.6,
+    value_range: tuple[float, float] | None = None,
+) -> Path:
+    """Save ``gallery_figure`` of the chips as a PNG (parent folders are created) and return the path."""
+    fig = gallery_figure(images, labels, titles, ncols, panel_inches, value_range)
+    path = Path(path)
+    _save(fig, path, dpi=100)
     return path
 
 
@@ -150,24 +182,22 @@ def error_overlay(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
     return out
 
 
-def prediction_overlays(
+def overlays_figure(
     images: Sequence[np.ndarray],
     labels: Sequence[np.ndarray],
     probs: Sequence[np.ndarray],
     threshold: float,
     titles: Sequence[str],
-    path: Path | str,
-) -> Path:
-    """Save one row per chip: RGB, RGB with label, RGB with prediction errors (TP green, FP red, FN blue).
+) -> Figure:
+    """One row per chip: RGB, RGB with label, RGB with prediction errors (TP green, FP red, FN blue).
 
+    Binary predictions work too: pass them as ``probs`` with ``threshold=0.5``.
     Shape: images (4, H, W), labels and probs (H, W) each.
     """
     from matplotlib.figure import Figure
 
     from cloudseg.metrics import intersection_union
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     n = max(1, len(images))
     fig = Figure(figsize=(7.5, 2.6 * n), layout="constrained")
     axes = fig.subplots(n, 3, squeeze=False)
@@ -188,5 +218,371 @@ def prediction_overlays(
             ax.set_axis_off()
     if not images:
         axes[0][0].text(0.5, 0.5, "no validation chips", ha="center")
-    fig.savefig(path, dpi=80)
+    return fig
+
+
+def prediction_overlays(
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    probs: Sequence[np.ndarray],
+    threshold: float,
+    titles: Sequence[str],
+    path: Path | str,
+) -> Path:
+    """Save ``overlays_figure`` (RGB, label, TP/FP/FN errors per chip) as a PNG and return the path.
+
+    Shape: images (4, H, W), labels and probs (H, W) each.
+    """
+    fig = overlays_figure(images, labels, probs, threshold, titles)
+    path = Path(path)
+    _save(fig, path, dpi=80)
     return path
+
+
+def label_pairs(
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    titles: Sequence[str],
+    path: Path | str | None = None,
+    panel_inches: float = 2.4,
+) -> Figure:
+    """One row per chip: natural colour, false colour (NIR-red-green) and the label beside them.
+
+    Meant for judging labels by eye: the label is drawn on its own (white = cloud) rather than over the chip.
+    Shape: images (4, H, W), labels (H, W) each.
+    """
+    from matplotlib.figure import Figure
+
+    if not (len(images) == len(labels) == len(titles)):
+        raise ValueError(
+            f"got {len(images)} images, {len(labels)} labels and {len(titles)} titles; need as many of each"
+        )
+    if not images:
+        raise ValueError("label_pairs needs at least one chip")
+    fig = Figure(figsize=(3 * panel_inches, len(images) * (panel_inches + 0.2)), layout="constrained")
+    axes = fig.subplots(len(images), 3, squeeze=False)
+    for row, image, label, title in zip(axes, images, labels, titles):
+        label = np.asarray(label)
+        row[0].imshow(rgb_preview(image), interpolation="nearest")
+        row[0].set_title(title, fontsize=8)
+        row[1].imshow(false_color(image), interpolation="nearest")
+        row[1].set_title("false colour (NIR, red, green)", fontsize=8)
+        row[2].imshow(label, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        row[2].set_title(f"label: {label.mean():.1%} cloud", fontsize=8)
+        for ax in row:
+            ax.set_axis_off()
+    return _save(fig, path)
+
+
+def band_histograms(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    band_names: Sequence[str] | None = None,
+    bins: int = 60,
+    max_reflectance: float = 1.0,
+    share: bool = True,
+    path: Path | str | None = None,
+) -> Figure:
+    """Per band, histograms of the reflectance of cloud and of clear pixels (one panel per band).
+
+    No-data pixels (all bands 0) are left out; reflectance above ``max_reflectance`` is counted in the last
+    bin, so saturated cloud tops stay visible instead of falling off the axis.
+
+    Args:
+        images: Chips, each (bands, H, W) in reflectance x 10,000.
+        masks: Labels (1 = cloud), each (H, W).
+        band_names: Panel titles, one per band; default ``cloudseg.data.io.BANDS``.
+        bins: Bins between 0 and ``max_reflectance``.
+        max_reflectance: Right edge of the x axis (reflectance, not DN).
+        share: Plot each class's share of its pixels per bin (the classes compare whatever their sizes);
+            False plots pixel counts.
+        path: Also save the figure there.
+
+    Returns:
+        The figure: one axes per band, each with a cloud and a clear ``StepPatch`` whose values are the
+        counts (or shares) per bin.
+    """
+    from matplotlib.figure import Figure
+
+    from cloudseg.data.io import BANDS
+
+    band_names = BANDS if band_names is None else tuple(band_names)
+    if len(images) != len(masks):
+        raise ValueError(f"got {len(images)} images and {len(masks)} masks; need one mask per image")
+    if not images:
+        raise ValueError("band_histograms needs at least one chip")
+    n_bands = len(band_names)
+    edges = np.linspace(0.0, max_reflectance, bins + 1)
+    counts = np.zeros((2, n_bands, bins), dtype=np.int64)  # [clear, cloud]
+    for image, mask in zip(images, masks):
+        image = np.asarray(image)
+        mask = np.asarray(mask).astype(bool)
+        if image.ndim != 3 or image.shape[0] < n_bands or image.shape[1:] != mask.shape:
+            raise ValueError(f"image {image.shape} and mask {mask.shape} do not match {n_bands} band names")
+        valid = np.any(image[:n_bands] > 0, axis=0)
+        for cls, sel in enumerate((valid & ~mask, valid & mask)):
+            for b in range(n_bands):
+                refl = np.minimum(image[b][sel] / REFLECTANCE_SCALE, max_reflectance)
+                counts[cls, b] += np.histogram(refl, bins=edges)[0]
+    fig = Figure(figsize=(3.2 * n_bands, 2.8), layout="constrained")
+    axes = fig.subplots(1, n_bands, squeeze=False)[0]
+    totals = counts.sum(axis=2)  # pixels per class and band
+    for b, ax in enumerate(axes):
+        for cls, (name, color) in enumerate((("clear", CLEAR_COLOR), ("cloud", CLOUD_COLOR))):
+            values = counts[cls, b].astype(float)
+            if share and totals[cls, b]:
+                values = values / totals[cls, b]
+            ax.stairs(values, edges, color=color, label=f"{name} ({totals[cls, b]:,} px)", linewidth=1.3)
+        ax.set_title(band_names[b], fontsize=10)
+        ax.set_xlabel("reflectance")
+        ax.set_xlim(0, max_reflectance)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of the class's pixels" if share else "pixels")
+    axes[-1].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def cloud_fraction_distribution(
+    fractions: Sequence[float] | np.ndarray | pd.Series,
+    bins: int = 10,
+    groups: Sequence[str] | None = None,
+    path: Path | str | None = None,
+) -> Figure:
+    """Histogram of per-chip cloud fractions in [0, 1], stacked by group (e.g. location) when given.
+
+    The last bin includes 1.0 (fully cloudy chips); fully clear chips fall in the first bin. The title counts
+    chips that are exactly 0 and exactly 1.
+
+    Returns:
+        The figure: one axes whose bars (one container per group) hold the chip counts per bin.
+    """
+    from matplotlib.figure import Figure
+
+    f = np.asarray(fractions, dtype=float)
+    if f.size == 0:
+        raise ValueError("cloud_fraction_distribution needs at least one fraction")
+    if np.any((f < 0) | (f > 1)) or np.any(np.isnan(f)):
+        raise ValueError(f"cloud fractions must lie in [0, 1], got min {np.nanmin(f)}, max {np.nanmax(f)}")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    fig = Figure(figsize=(6, 3.2), layout="constrained")
+    ax = fig.subplots()
+    if groups is None:
+        ax.hist(f, bins=edges, color=CLOUD_COLOR, edgecolor="white")
+    else:
+        groups = np.asarray(groups, dtype=str)
+        if groups.shape != f.shape:
+            raise ValueError(f"got {f.size} fractions and {groups.size} groups; need one group per fraction")
+        names = sorted(set(groups.tolist()))
+        ax.hist([f[groups == g] for g in names], bins=edges, stacked=True, label=names, edgecolor="white")
+        ax.legend(fontsize=7, ncols=2 if len(names) > 6 else 1)
+    ax.set_xlabel("cloud fraction of the chip")
+    ax.set_ylabel("chips")
+    ax.set_xlim(0, 1)
+    ax.set_title(f"{f.size} chips: mean {f.mean():.2f}, median {np.median(f):.2f}, "
+                 f"{int((f == 0).sum())} clear (0), {int((f == 1).sum())} fully cloudy (1)", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def jaccard_vs_threshold(
+    source: ThresholdSweep | Sequence[float] | np.ndarray,
+    jaccards: Sequence[float] | np.ndarray | None = None,
+    chosen: float | None = None,
+    path: Path | str | None = None,
+) -> Figure:
+    """Pooled Jaccard against the decision threshold, with the best threshold marked.
+
+    Args:
+        source: A ``cloudseg.metrics.ThresholdSweep``, or the thresholds (then ``jaccards`` is required).
+        jaccards: Pooled Jaccard at each threshold (NaN where undefined).
+        chosen: A threshold to mark with a dashed line (e.g. the checkpoint's).
+        path: Also save the figure there.
+
+    Returns:
+        The figure: one axes, the curve as its first line, the best point as its second.
+    """
+    from matplotlib.figure import Figure
+
+    if hasattr(source, "thresholds") and hasattr(source, "jaccards"):
+        t, j = np.asarray(source.thresholds(), dtype=float), np.asarray(source.jaccards(), dtype=float)
+    else:
+        if jaccards is None:
+            raise ValueError("jaccard_vs_threshold: pass a ThresholdSweep, or thresholds and jaccards")
+        t, j = np.asarray(source, dtype=float), np.asarray(jaccards, dtype=float)
+    if t.shape != j.shape or t.ndim != 1:
+        raise ValueError(f"thresholds {t.shape} and jaccards {j.shape} must be 1-D and of the same length")
+    fig = Figure(figsize=(5.5, 3.2), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(t, j, color="#d62728", lw=1.5, label="pooled Jaccard")
+    if np.any(~np.isnan(j)):
+        i = int(np.nanargmax(j))
+        ax.plot([t[i]], [j[i]], "o", color="black", label=f"best {j[i]:.4f} at {t[i]:.2f}")
+    else:
+        ax.text(0.5, 0.5, "undefined: no cloud in any label or prediction", ha="center",
+                transform=ax.transAxes)
+    if chosen is not None:
+        k = int(np.argmin(np.abs(t - chosen))) if t.size else 0
+        at = f" ({j[k]:.4f})" if t.size and not np.isnan(j[k]) else ""
+        ax.axvline(chosen, color="grey", ls="--", lw=0.9, label=f"chosen {chosen:.2f}{at}")
+    ax.set_xlabel("threshold on the cloud probability")
+    ax.set_ylabel("pooled Jaccard")
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower center")
+    return _save(fig, path)
+
+
+def _column(df: pd.DataFrame, name: str, prefix: str) -> str:
+    """``name`` itself or ``<prefix>.<name>`` (as ``mlflow.search_runs`` names columns)."""
+    for col in (name, f"{prefix}.{name}"):
+        if col in df.columns:
+            return col
+    raise KeyError(f"no column {name!r} or '{prefix}.{name}' among {sorted(df.columns)[:30]}")
+
+
+def metric_vs_params(
+    runs: pd.DataFrame,
+    metric: str,
+    params: Sequence[str],
+    ncols: int = 3,
+    log_ratio: float = 20.0,
+    path: Path | str | None = None,
+) -> Figure:
+    """One scatter panel per parameter: the metric of each run against that parameter's value.
+
+    Numeric parameters (MLflow logs them as strings; they are parsed) go on a linear axis, or a log axis when
+    all are positive and span more than ``log_ratio``; others are categories along x.
+
+    Args:
+        runs: One row per run, e.g. ``mlflow.search_runs`` output; columns are found as given or with the
+            ``metrics.`` / ``params.`` prefix.
+        metric: Metric column (y).
+        params: Parameter columns, one panel each.
+
+    Returns:
+        The figure: exactly one axes per parameter, each with one scatter collection of the runs that have
+        the metric.
+    """
+    from matplotlib.figure import Figure
+
+    if not params:
+        raise ValueError("metric_vs_params needs at least one parameter")
+    mcol = _column(runs, metric, "metrics")
+    pcols = [_column(runs, p, "params") for p in params]
+    df = runs[runs[mcol].notna()]
+    ncols = max(1, min(ncols, len(params)))
+    nrows = -(-len(params) // ncols)
+    fig = Figure(figsize=(3.4 * ncols, 2.9 * nrows), layout="constrained")
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
+    y = df[mcol].to_numpy(dtype=float)
+    for ax, name, col in zip(axes, params, pcols):
+        numeric = pd.to_numeric(df[col], errors="coerce")
+        if len(df) and numeric.notna().all():
+            x = numeric.to_numpy(dtype=float)
+            ax.scatter(x, y, s=22, alpha=0.8, color=CLOUD_COLOR)
+            if x.min() > 0 and x.max() / x.min() > log_ratio:
+                ax.set_xscale("log")
+        else:
+            values = df[col].astype(str).to_numpy()
+            cats = sorted(set(values.tolist()))
+            ax.scatter([cats.index(v) for v in values], y, s=22, alpha=0.8, color=CLOUD_COLOR)
+            ax.set_xticks(range(len(cats)), cats, rotation=20, fontsize=7, ha="right")
+            ax.set_xlim(-0.5, len(cats) - 0.5)
+        ax.set_xlabel(name, fontsize=9)
+        ax.set_ylabel(metric, fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(params):]:  # the unused panels of the last row
+        ax.remove()
+    return _save(fig, path)
+
+
+def _steps_frame(curve: pd.DataFrame | Sequence[Mapping]) -> pd.DataFrame:
+    df = curve if isinstance(curve, pd.DataFrame) else pd.DataFrame(list(curve))
+    if "step" not in df.columns:
+        if "epoch" not in df.columns:
+            raise KeyError(f"a learning curve needs a 'step' or 'epoch' column, got {list(df.columns)}")
+        df = df.rename(columns={"epoch": "step"})
+    return df.sort_values("step")
+
+
+def learning_curves(
+    curves: Mapping[str, pd.DataFrame | Sequence[Mapping]],
+    metrics: Sequence[str] = ("train_loss", "val_jaccard"),
+    path: Path | str | None = None,
+) -> Figure:
+    """Learning curves of several runs on shared axes: one panel per metric, one line per run.
+
+    Args:
+        curves: Run label -> its history: a DataFrame or records with ``step`` (or ``epoch``) and the metric
+            columns; a run lacking a metric is left out of that panel.
+        metrics: Metric names, one panel each.
+
+    Returns:
+        The figure: one axes per metric, each with one line per run having that metric.
+    """
+    from matplotlib.figure import Figure
+
+    if not metrics:
+        raise ValueError("learning_curves needs at least one metric")
+    fig = Figure(figsize=(4.2 * len(metrics), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    frames = {label: _steps_frame(c) for label, c in curves.items()}
+    for ax, metric in zip(axes, metrics):
+        for label, df in frames.items():
+            if metric in df.columns and df[metric].notna().any():
+                d = df[df[metric].notna()]
+                ax.plot(d["step"], d[metric], marker="o", ms=3, lw=1.2, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    if frames:
+        axes[-1].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def per_location_bars(
+    values: Mapping[str, float] | pd.Series,
+    ylabel: str = "pooled Jaccard",
+    annotations: Mapping[str, str] | None = None,
+    sort: bool = True,
+    ylim: tuple[float, float] | None = None,
+    path: Path | str | None = None,
+) -> Figure:
+    """A bar per location (or any category); NaN values get no bar and an "n/a" note.
+
+    Args:
+        values: Location -> value, e.g. the ``jaccard`` column of ``JaccardAccumulator.by_location`` indexed
+            by location.
+        ylabel: Axis label.
+        annotations: Location -> text written above its bar (e.g. the chip count).
+        sort: Order bars by value, lowest first (NaN last); else keep the given order.
+        ylim: Y limits; default from 0 to the largest value.
+
+    Returns:
+        The figure: one axes whose bar container has one bar per location (height 0 for NaN).
+    """
+    from matplotlib.figure import Figure
+
+    series = pd.Series(values, dtype=float)
+    if series.empty:
+        raise ValueError("per_location_bars needs at least one value")
+    if sort:
+        series = series.sort_values(na_position="last")
+    names = [str(k) for k in series.index]
+    heights = series.to_numpy(dtype=float)
+    fig = Figure(figsize=(max(4.0, 0.6 * len(names) + 1.5), 3.2), layout="constrained")
+    ax = fig.subplots()
+    bars = ax.bar(range(len(names)), np.nan_to_num(heights, nan=0.0), color=CLOUD_COLOR)
+    top = float(np.nanmax(heights)) if np.any(~np.isnan(heights)) else 1.0
+    for bar, key, h in zip(bars, series.index, heights):
+        note = (annotations or {}).get(key, "")
+        if np.isnan(h):
+            note = (note + " n/a").strip()
+        if note:
+            y = 0 if np.isnan(h) else h
+            ax.text(bar.get_x() + bar.get_width() / 2, y, note, ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(*(ylim or (0, top * 1.12 if top > 0 else 1.0)))
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +117,11 @@ def start_run(cfg: Config, kind: str, tags: dict | None = None, parent_run_id: s
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     client = MlflowClient()
-    run = client.create_run(exp_id, tags=all_tags, run_name=run_name or cfg.run_name or None)
+    # our own name: MLflow's generated ones repeat within a process because training reseeds `random`
+    name = run_name or cfg.run_name or f"{kind}-{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    if not (run_name or cfg.run_name) and "cloudseg.trial" in all_tags:
+        name = f"{all_tags.get('cloudseg.study', 'study')}-trial{all_tags['cloudseg.trial']}"
+    run = client.create_run(exp_id, tags=all_tags, run_name=name)
     run_id = run.info.run_id
     tracking.log_params(run_id, cfg.to_dict())
     tracking.log_json(run_id, cfg.to_dict(), "config.json")
