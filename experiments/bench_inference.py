@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(proc.stdout + proc.stderr, file=sys.stderr)
                 raise RuntimeError(f"main.py failed (exit {proc.returncode})")
             pipe = {"chips": int(m[2]), "seconds": float(m[3]), "cps": float(m[1])}
+            d = re.search(r"compute_s=([0-9.]+) wait_input_s=([0-9.]+) wait_output_s=([0-9.]+)", proc.stdout)
+            if d:
+                pipe.update(compute_s=float(d[1]), wait_input_s=float(d[2]), wait_output_s=float(d[3]))
             print(f"round {r + 1}: main.py: {pipe['cps']:.3f} chips/s", flush=True)
             after = forward(python, sub, args.n_chips - half, args.batch_size, env)
             print(f"round {r + 1}: pure forward (after): {after['cps']:.3f} chips/s", flush=True)
@@ -241,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
              ("write_prediction alone, 1 thread (hidden)", writes)]
     for name, r in rows:
         print(f"| {name:<46} | {r['chips']:>6} | {r['seconds']:>8.1f} | {r['cps']:>8.3f} |")
+    for r, (pipe, *_) in enumerate(rounds):
+        if "compute_s" in pipe:  # measured inside main.py, so other processes' load affects both parts alike
+            print(f"main.py round {r + 1}: of {pipe['seconds']:.1f} s, its model thread spent "
+                  f"{pipe['compute_s']:.1f} s computing, {pipe['wait_input_s']:.1f} s waiting for input and "
+                  f"{pipe['wait_output_s']:.1f} s waiting for writers "
+                  f"(compute share {pipe['compute_s'] / pipe['seconds']:.3f})")
     print(f"ratio={best_pipe['cps'] / best_pure['cps']:.4f}")
     return 0
 

@@ -597,13 +597,23 @@ def run(root: Path, base: Path = HERE) -> int:
 
     producer = threading.Thread(target=produce, name="producer", daemon=True)
     producer.start()
+    # Where the model's thread spends its time: waiting for input or for writers means the pipeline, not the
+    # model, limits the speed.
+    wait_input = compute_s = wait_output = 0.0
     with ThreadPoolExecutor(2, thread_name_prefix="write", initializer=io_init) as writers:
         while True:
+            t = time.time()
             batch = batches.get()
+            wait_input += time.time() - t
             if batch is None:
                 break
-            for chip, mask, problems in zip(batch["ids"], compute(batch), batch["problems"]):
+            t = time.time()
+            masks = compute(batch)
+            compute_s += time.time() - t
+            for chip, mask, problems in zip(batch["ids"], masks, batch["problems"]):
+                t = time.time()
                 write_slots.acquire()
+                wait_output += time.time() - t
                 writers.submit(write_one, chip, mask, problems)
     producer.join()
     seconds = time.time() - t0
@@ -611,8 +621,10 @@ def run(root: Path, base: Path = HERE) -> int:
         log("ERROR reading pipeline stopped: %r" % (producer_error[0],))
 
     missing = [c for c in chips if not (out_dir / (c + ".tif")).is_file()]
-    log("done chips=%d predictions=%d missing=%d write_failures=%d seconds=%.1f"
-        % (len(chips), len(chips) - len(missing), len(missing), len(failed_writes), seconds))
+    log("done chips=%d predictions=%d missing=%d write_failures=%d seconds=%.1f compute_s=%.1f "
+        "wait_input_s=%.1f wait_output_s=%.1f"
+        % (len(chips), len(chips) - len(missing), len(missing), len(failed_writes), seconds, compute_s,
+           wait_input, wait_output))
     log("throughput chips_per_s=%.4f chips=%d seconds=%.3f"
         % (len(chips) / max(seconds, 1e-9), len(chips), seconds))
     if missing:
