@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -40,19 +42,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_tracking() -> None:
-    """Fail early and clearly when the MLflow tracking store cannot be reached."""
+def check_tracking(storage_url: str | None = None) -> None:
+    """Fail early and clearly when the MLflow tracking store cannot be reached; warn when a shared study would log
+    to this machine's own MLflow store."""
     from mlflow.tracking import MlflowClient
 
     from cloudseg.paths import tracking_uri
 
+    uri = tracking_uri()
+    # MLflow retries an unreachable server for minutes by default; at start-up one quick retry says enough
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
     try:
-        MlflowClient().search_experiments(max_results=1)
+        MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:
-        raise SystemExit(f"cannot reach the MLflow tracking store {tracking_uri()!r}: {type(exc).__name__}: {exc}")
+        hint = "\n  is `mlflow server` running there and reachable from this host?" if uri.startswith("http") else ""
+        raise SystemExit(f"error: cannot reach the MLflow tracking store {uri!r}: {type(exc).__name__}: "
+                         f"{str(exc)[:600]}{hint}")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if storage_url and not storage_url.startswith("sqlite") and uri.startswith(("sqlite", "file", "/")):
+        print(f"warning: the study is shared through {storage_url.split('@')[-1]} but MLflow logs to this machine's "
+              f"{uri}; set MLFLOW_TRACKING_URI to the shared tracking server", file=sys.stderr, flush=True)
 
 
-def reconcile(study, client) -> None:
+def reconcile(study, client, current_parent: str | None = None) -> None:
     """Close the MLflow runs of trials that Optuna failed because their worker died (heartbeat)."""
     from optuna.trial import TrialState
 
@@ -68,6 +87,15 @@ def reconcile(study, client) -> None:
             client.set_tag(run_id, "cloudseg.closed_by", "sweep: trial failed by Optuna heartbeat (worker died)")
             client.set_terminated(run_id, "KILLED")
             print(f"closed run {run_id} of trial {t.number} (its worker died)", flush=True)
+        parent = run.data.tags.get("mlflow.parentRunId")  # the dead worker's sweep run, wherever it ran
+        if parent:
+            try:
+                prun = client.get_run(parent)
+            except Exception:
+                continue
+            if prun.info.status == "RUNNING" and parent != current_parent:
+                client.set_tag(parent, "cloudseg.closed_by", "sweep: its worker died (trial heartbeat failed)")
+                client.set_terminated(parent, "KILLED")
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -78,17 +106,19 @@ def run_worker(args: argparse.Namespace) -> int:
     from cloudseg.paths import optuna_storage
     from cloudseg.tracking.runs import load_split, start_run, train_fold
     from cloudseg.tracking.study import (
-        counted, figures, in_flight_before, load_space, make_storage, open_study, space_beside, suggest,
+        counted, display_url, figures, in_flight_before, load_space, make_storage, open_study, space_beside, suggest,
     )
 
     cfg = load_config(args.config, args.sets, data=args.data)
     space = load_space(args.space or space_beside(args.config))
     url = args.storage or optuna_storage()
     storage = make_storage(url)
-    study = open_study(args.study, storage, space, cfg, seed=cfg.seed + 1000 * args.worker_index)
-    print(f"[worker {args.worker_index}] study '{args.study}' on {url}: {counted(study)}/{args.n_trials} trials done",
-          flush=True)
-    check_tracking()
+    # workers on other hosts, and restarted ones, must not replay the same random draws
+    seed = zlib.crc32(f"{cfg.seed}:{args.worker_index}:{socket.gethostname()}:{os.getpid()}".encode())
+    study = open_study(args.study, storage, space, cfg, seed=seed)
+    print(f"[worker {args.worker_index}] study '{args.study}' on {display_url(url)}: "
+          f"{counted(study)}/{args.n_trials} trials done", flush=True)
+    check_tracking()  # prepare_stores() already warned about a local store
     exp_id = tracking.setup(cfg.experiment)
     client = MlflowClient()
     tracking.close_stale_runs([exp_id])
@@ -127,7 +157,7 @@ def run_worker(args: argparse.Namespace) -> int:
     with tracking.run_status(parent):
         while counted(study) < args.n_trials and (deadline is None or time.time() < deadline):
             study.optimize(objective, n_trials=1, catch=(Exception,))
-            reconcile(study, client)
+            reconcile(study, client, parent)
             client.set_tag(parent, "cloudseg.heartbeat", str(int(time.time())))
             last = study.trials[-1]
             if last.user_attrs.get("surplus"):
@@ -200,7 +230,7 @@ def prepare_stores(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.sets, data=args.data)
     space = load_space(args.space or space_beside(args.config))
     open_study(args.study, make_storage(args.storage or optuna_storage()), space, cfg, seed=cfg.seed)
-    check_tracking()
+    check_tracking(args.storage)
     tracking.setup(cfg.experiment)
 
 

@@ -23,6 +23,8 @@ torch.set_num_threads(1)
 from cloudseg.paths import real_data_dir  # noqa: E402
 from tests.data.fixtures import make_dataset  # noqa: E402
 
+pytest_plugins = ["tests.services"]  # throwaway PostgreSQL + MLflow server for the multi-host tests
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 

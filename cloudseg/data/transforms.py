@@ -57,8 +57,11 @@ def build_train_transform(crop_size: int | None, strength: float = 0.0) -> A.Com
 
 
 def apply_transform(transform, image: np.ndarray, mask: np.ndarray | None):
-    """Apply an albumentations transform to a (C, H, W) image and (H, W) mask together; returns CHW again."""
-    hwc = np.ascontiguousarray(image.transpose(1, 2, 0))
+    """Apply an albumentations transform to a (C, H, W) image and (H, W) mask together; returns CHW float32.
+
+    The image is converted to float32 first: some OpenCV kernels behind albumentations refuse uint16.
+    """
+    hwc = np.ascontiguousarray(image.transpose(1, 2, 0), dtype=np.float32)
     if mask is None:
         out = transform(image=hwc)
         return np.ascontiguousarray(out["image"].transpose(2, 0, 1)), None

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import random
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +13,16 @@ import optuna
 import yaml
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url as sa_make_url
 
 from cloudseg.config import Config
 
 HEARTBEAT_S = 5  # a trial whose worker stops beating for GRACE_S is failed and retried
 GRACE_S = 20
 MAX_RETRY = 2
+CONNECT_TIMEOUT_S = 15  # database connection attempts (PostgreSQL)
+CREATE_ATTEMPTS = 5  # opening a storage whose tables another worker is creating right now
 
 
 class StudyError(ValueError):
@@ -79,17 +86,53 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def display_url(url: str) -> str:
+    """``url`` with its password masked, for messages and logs."""
+    try:
+        return sa_make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not parseable: mask anything between "user:" and "@"
+        return re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1***@", url)
+
+
+def _storage_problem(exc: Exception, url: str) -> str:
+    """What went wrong opening a storage, in words, with the database's own message (no SQLAlchemy boilerplate)."""
+    detail = str(getattr(exc, "orig", None) or exc).strip()
+    if isinstance(exc, (sa_exc.NoSuchModuleError, sa_exc.ArgumentError)):
+        return (f"not a usable SQLAlchemy URL ({detail}); PostgreSQL is "
+                "postgresql+psycopg://USER[:PASSWORD]@HOST[:PORT]/DATABASE")
+    if isinstance(exc, ImportError):
+        return f"its database driver is not installed ({detail}); for PostgreSQL: pip install 'psycopg[binary]'"
+    if isinstance(exc, sa_exc.OperationalError) and url.startswith("sqlite"):
+        return f"the database file cannot be opened: {detail}"
+    if isinstance(exc, sa_exc.OperationalError):
+        return (f"the database is unreachable or refused the connection: {detail}\n  check that the server runs, "
+                "listens on that address and port, lets this host in (pg_hba.conf), and that the database exists")
+    return f"{type(exc).__name__}: {detail}"
+
+
 def make_storage(url: str) -> RDBStorage:
     """An RDB storage with heartbeats, so trials of killed workers are failed and retried."""
     if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # optuna >= 4.9
         retry = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(MAX_RETRY)}
     else:
         retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(MAX_RETRY)}
-    try:
-        return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                          engine_kwargs={"pool_pre_ping": True}, **retry)
-    except Exception as exc:  # bad URL, driver missing, database unreachable
-        raise StudyError(f"cannot open the Optuna storage {url!r}: {type(exc).__name__}: {exc}") from exc
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith(("postgresql://", "postgresql+psycopg")):  # libpq: a silent host fails in seconds, not minutes
+        engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                              engine_kwargs=engine_kwargs, **retry)
+        except (sa_exc.IntegrityError, sa_exc.ProgrammingError) as exc:
+            # workers on other hosts starting at the same moment on an empty database race to create Optuna's
+            # tables; the loser finds them there on the next try
+            if attempt + 1 == CREATE_ATTEMPTS:
+                raise StudyError(f"cannot open the Optuna storage {display_url(url)!r}: "
+                                 f"{_storage_problem(exc, url)}") from exc
+            time.sleep(1 + random.random())
+        except Exception as exc:  # bad URL, driver missing, database unreachable
+            raise StudyError(f"cannot open the Optuna storage {display_url(url)!r}: "
+                             f"{_storage_problem(exc, url)}") from exc
 
 
 def open_study(name: str, storage: RDBStorage, space: dict, cfg: Config, seed: int) -> optuna.Study:
