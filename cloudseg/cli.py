@@ -135,6 +135,76 @@ def gallery(
     typer.echo(chip_gallery(images, labels, titles, out, ncols=ncols))
 
 
+@app.command("audit-labels")
+def audit_labels(
+    data: Path = typer.Option(..., "--data", help="Labeled folder in the competition layout (train split)."),
+    out: Path = typer.Option(Path("audit"), "--out", help="Folder for audit.csv and montage.png."),
+    probs: Optional[Path] = typer.Option(None, "--probs", help="Out-of-fold probabilities (.npz, chip id -> HxW), "
+                                         "e.g. experiments/bench_quality.py's oof_probs.npz."),
+    checkpoint: Optional[list[Path]] = typer.Option(None, "--checkpoint", help="Fold checkpoint (repeatable); each "
+                                                    "predicts the chips its config held out."),
+    ukis: Optional[str] = typer.Option(None, "--ukis", help="Use the peer ukis-csmask's masks instead, e.g. l2a@30 "
+                                       "(a model that never saw these labels; needs the bench extra)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Recipe YAML trained here, leave-one-location-out, "
+                                          "when neither --probs, --checkpoint nor --ukis is given."),
+    threshold: float = typer.Option(0.5, "--threshold", help="Decision threshold on the cloud probability."),
+    top: int = typer.Option(10, "--top", help="Chips drawn in the montage, worst first."),
+    exclude_out: Optional[Path] = typer.Option(None, "--exclude-out", help="Write the worst chips' ids here (config "
+                                               "key exclude_ids accepts the file)."),
+    exclude_top: int = typer.Option(5, "--exclude-top", help="How many of the worst chips go into --exclude-out."),
+    suspects: Optional[Path] = typer.Option(None, "--suspects", help="Suspect-label ids to score the ranking against "
+                                            "(default <data>/reference/suspect_label_ids.txt when present)."),
+    threads: int = typer.Option(2, "--threads", help="torch threads when predicting or training."),
+) -> None:
+    """Rank labeled chips by disagreement between label and out-of-fold prediction; CSV, montage, exclusions."""
+    import numpy as np
+
+    from cloudseg import audit
+    from cloudseg.data.splits import read_id_list
+    from cloudseg.data.validate import validate_split
+
+    split = validate_split(data, "train", labels=True, load=True)
+    if probs is not None:
+        p = audit.load_probs(probs)
+    elif checkpoint:
+        import torch
+
+        torch.set_num_threads(threads)
+        p = audit.probs_from_checkpoints(checkpoint, split)
+    elif ukis:
+        from cloudseg.baselines import UkisPeer
+
+        level, _, res_m = ukis.partition("@")
+        peer = UkisPeer(level, int(res_m or 30), threads=threads)
+        p = {c: peer(split.images[c]).astype(np.float32) for c in split.ids}
+    else:
+        from cloudseg.config import load_config
+
+        cfg = load_config(config, data=str(Path(data).resolve()))
+        p = audit.probs_from_recipe(cfg, split, threads)
+    sus_path = suspects or Path(data) / "reference" / "suspect_label_ids.txt"
+    sus = read_id_list(sus_path) if sus_path.is_file() else set()
+    locations = dict(zip(split.metadata.index, split.metadata["location"].astype(str)))
+    table = audit.disagreement_table(p, split.masks, threshold, locations, sus)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "audit.csv", index=False)
+    audit.review_montage(table, split.images, split.masks, p, threshold, out / "montage.png", top)
+    typer.echo(table.head(top).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    typer.echo(f"wrote {out / 'audit.csv'} and {out / 'montage.png'} ({len(table)} chips ranked)")
+    if sus:
+        ids = list(table["chip_id"])
+        base = sum(c in sus for c in ids)
+        for k in (5, 10):
+            if k <= len(ids):
+                typer.echo(f"precision@{k}={audit.precision_at_k(ids, sus, k):.2f} (base rate {base}/{len(ids)} = "
+                           f"{base / len(ids):.2f})")
+    if exclude_out is not None:
+        ids = list(table["chip_id"].head(exclude_top))
+        audit.write_exclusion(ids, exclude_out, f"cloudseg audit-labels: {exclude_top} chips whose label disagrees "
+                              "most with the out-of-fold prediction")
+        typer.echo(f"exclusion file: {exclude_out} ({len(ids)} ids)")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -1,0 +1,51 @@
+"""Mix chips of a second dataset (e.g. the synthetic default) into a real split's training side."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from cloudseg.data.validate import ValidatedSplit
+
+
+def merge_splits(base: ValidatedSplit, extra: ValidatedSplit, n_extra: int | None = None, prefix: str = "mix_",
+                 seed: int = 0) -> tuple[ValidatedSplit, list[str]]:
+    """One in-memory split holding ``base`` and (a seeded sample of) ``extra``.
+
+    Extra chips get ids and locations prefixed with ``prefix``, so they never collide with the base's and never
+    share a location with it. Arrays are shared, not copied.
+
+    Args:
+        base: A split loaded with ``load=True`` (its chips keep their ids).
+        extra: Another loaded, labeled split.
+        n_extra: How many extra chips to take (seeded random sample); None = all.
+        prefix: Prefix of the extra chips' ids and locations.
+        seed: Seed of the sample.
+
+    Returns:
+        The merged split and the (prefixed) ids of the extra chips in it.
+
+    Raises:
+        ValueError: a split was not loaded, ``extra`` has no labels, or ``n_extra`` exceeds its size.
+    """
+    if not base.images or not extra.images:
+        raise ValueError("merge_splits needs splits validated with load=True")
+    if not extra.has_labels:
+        raise ValueError(f"merge_splits: {extra.root} ({extra.split}) has no labels to train on")
+    ids = list(extra.ids)
+    if n_extra is not None:
+        if not 0 <= n_extra <= len(ids):
+            raise ValueError(f"n_extra={n_extra} but {extra.root} has {len(ids)} chips")
+        rng = np.random.default_rng(seed)
+        ids = sorted(rng.choice(ids, size=n_extra, replace=False).tolist())
+    new_ids = [prefix + c for c in ids]
+    meta = extra.metadata.loc[ids].copy()
+    meta.index = pd.Index(new_ids, name=base.metadata.index.name)
+    meta["location"] = prefix + meta["location"].astype(str)
+    merged = ValidatedSplit(
+        root=base.root, split=base.split, metadata=pd.concat([base.metadata, meta]), ids=list(base.ids) + new_ids,
+        has_labels=base.has_labels,
+        images={**base.images, **{n: extra.images[c] for n, c in zip(new_ids, ids)}},
+        masks={**base.masks, **{n: extra.masks[c] for n, c in zip(new_ids, ids)}},
+    )
+    return merged, new_ids

@@ -1,0 +1,98 @@
+"""experiments/bench_quality.py: pooled counts, the location bootstrap, and an end-to-end run of the baselines."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "experiments" / "bench_quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_quality"] = mod  # dataclasses look their module up while the class is being made
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _counts(bq, name, inter, union):
+    c = bq.Counts(name)
+    for chip, (i, u) in enumerate(zip(inter, union)):
+        c.add(f"c{chip}", i, u)
+    return c
+
+
+def test_counts_pool_intersections_over_unions():
+    bq = _bench()
+    c = _counts(bq, "m", [1, 0, 3], [2, 0, 4])  # the empty chip adds nothing: (1 + 3) / (2 + 4)
+    assert c.score() == pytest.approx(4 / 6)
+    assert c.score(["c1"]) != c.score(["c1"])  # nan: no union at all
+    c.add_mask("c9", np.array([[1, 1, 0]]), np.array([[1, 0, 0]]))
+    assert (c.inter["c9"], c.union["c9"]) == (1, 2)
+
+
+def test_location_bootstrap_difference_and_degenerate_interval():
+    bq = _bench()
+    a = _counts(bq, "a", [8, 4], [10, 5])  # 0.8 at both locations
+    b = _counts(bq, "b", [5, 2], [10, 4])  # 0.5 at both locations
+    locs = {"c0": "L1", "c1": "L2"}
+    d, lo, hi = bq.location_bootstrap(a, b, locs, ["c0", "c1"], n=200)
+    assert d == pytest.approx(12 / 15 - 7 / 14)
+    # every resample pools locations that each score 0.8 vs 0.5: the interval collapses onto 0.3
+    assert lo == pytest.approx(0.3) and hi == pytest.approx(0.3)
+
+
+def test_location_bootstrap_interval_covers_the_spread_of_locations():
+    bq = _bench()
+    a = _counts(bq, "a", [9, 1], [10, 10])  # 0.9 and 0.1
+    b = _counts(bq, "b", [5, 5], [10, 10])  # 0.5 and 0.5
+    d, lo, hi = bq.location_bootstrap(a, b, {"c0": "L1", "c1": "L2"}, ["c0", "c1"], n=2000, seed=1)
+    assert d == pytest.approx(0.0)
+    assert lo == pytest.approx(-0.4) and hi == pytest.approx(0.4)  # both-L2 and both-L1 draws each ~1/4
+
+
+def test_bench_quality_baselines_only_prints_the_interface_line(tiny_data, mlflow_tmp, tmp_path, capsys):
+    bq = _bench()
+    rc = bq.main(["--data", str(tiny_data), "--folds", "0", "--skip", "cloudseg,synthetic,ukis", "--threads", "1",
+                  "--oof-out", str(tmp_path / "oof.npz"), "--bootstrap", "50"])
+    assert rc == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"cloudseg_all=nan cloudseg_clean=nan ukis_all=nan ukis_clean=nan "
+                        r"synthetic_only_all=nan synthetic_only_clean=nan", out[-1])
+    table = "\n".join(out)
+    assert "all_cloud" in table and "brightness" in table and "recipes tried in development" in table
+
+
+@pytest.mark.slow
+def test_bench_quality_trains_the_recipe_out_of_fold(tiny_data, mlflow_tmp, tmp_path, capsys):
+    bq = _bench()
+    rc = bq.main(["--data", str(tiny_data), "--folds", "0", "--skip", "synthetic,ukis", "--threads", "1",
+                  "--set", "epochs=1", "--set", "crop_size=64", "--set", "batch_size=2", "--set", "steps_per_epoch=1",
+                  "--set", "val_batch_size=2", "--oof-out", str(tmp_path / "oof.npz"), "--bootstrap", "50"])
+    assert rc == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    m = re.fullmatch(r"cloudseg_all=(\S+) cloudseg_clean=(\S+) ukis_all=nan ukis_clean=nan "
+                     r"synthetic_only_all=nan synthetic_only_clean=nan", last)
+    assert m and 0.0 <= float(m.group(1)) <= 1.0
+    with np.load(tmp_path / "oof.npz") as z:
+        assert len(z.files) == 6 and z[z.files[0]].shape == (512, 512)  # every chip predicted out of fold
+
+
+def test_merge_splits_prefixes_extra_chips_and_shares_arrays(tiny_data):
+    from cloudseg.data.mixing import merge_splits
+    from cloudseg.data.validate import validate_split
+
+    base = validate_split(tiny_data, "train", labels=True, load=True)
+    merged, new = merge_splits(base, base, n_extra=2, prefix="syn_", seed=0)
+    assert len(new) == 2 and all(c.startswith("syn_") for c in new)
+    assert merged.ids == base.ids + new
+    assert merged.images[new[0]] is base.images[new[0][4:]]  # shared, not copied
+    assert merged.metadata.loc[new[0], "location"].startswith("syn_")
+    with pytest.raises(ValueError, match="n_extra"):
+        merge_splits(base, base, n_extra=99)
