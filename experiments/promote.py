@@ -17,15 +17,13 @@ import json
 import shutil
 import sys
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cloudseg.paths import SUBMISSIONS_DIR  # noqa: E402
-
-MAIN_TEMPLATE = Path(__file__).resolve().parent.parent / "cloudseg" / "submission" / "main.py"
+from cloudseg.submission import MAIN_TEMPLATE  # noqa: E402
 
 
 class PromoteError(RuntimeError):
@@ -162,6 +160,7 @@ def sha256(path: Path) -> str:
 def write_submission(name: str, members: list[Member], described: list[dict], args: argparse.Namespace,
                      out_root: Path = SUBMISSIONS_DIR) -> tuple[Path, Path]:
     from cloudseg import __version__
+    from cloudseg import submission as layout
     from cloudseg.submission.verify import check_sources
     from cloudseg.tracking import git_info
 
@@ -174,17 +173,14 @@ def write_submission(name: str, members: list[Member], described: list[dict], ar
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = out_root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "assets").mkdir(parents=True)
-    (tmp / "main.py").write_text(sources["main.py"])
-    models = []
-    for k, m in enumerate(members):
-        shutil.copyfile(m.checkpoint, tmp / "assets" / f"model_{k}.pt")
-        models.append(f"assets/model_{k}.pt")
     threshold = args.threshold if args.threshold is not None else \
         float(sum(d["threshold"] for d in described) / len(described))
-    inference = {"models": models, "threshold": round(threshold, 4), "tta": args.tta,
-                 "batch_size": args.batch_size, "num_workers": 2, "amp": False, "compression": None}
-    (tmp / "assets" / "inference.json").write_text(json.dumps(inference, indent=2))
+    try:
+        layout.write_submission(tmp, [m.checkpoint for m in members], threshold=round(threshold, 4), tta=args.tta,
+                                batch_size=args.batch_size)
+    except ValueError as exc:  # e.g. an unknown --tta
+        raise PromoteError(str(exc)) from exc
+    inference = json.loads((tmp / "assets" / "inference.json").read_text())
     configs = {}
     for m in members:
         configs[m.run_id] = m.config
@@ -202,15 +198,7 @@ def write_submission(name: str, members: list[Member], described: list[dict], ar
     final = out_root / name
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    zip_path = out_root / f"{name}.zip"
-    zip_tmp = zip_path.with_suffix(".zip.tmp")
-    with zipfile.ZipFile(zip_tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for p in sorted(final.rglob("*")):
-            rel = p.relative_to(final)
-            if p.is_dir() or any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
-                continue
-            zf.write(p, rel.as_posix())
-    zip_tmp.replace(zip_path)
+    zip_path = layout.zip_submission(final, out_root / f"{name}.zip")
     return final, zip_path
 
 
