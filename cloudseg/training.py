@@ -304,15 +304,17 @@ class Trainer:
             print(f"resuming from {self.state_dir / 'last.pt'} after epoch {state['epoch']}", flush=True)
         stopped_early = False
         epoch = start - 1
+        plot_ids = set(self.val_ids[: cfg.plot_chips])
+        kept_ev = None  # the kept model's evaluation from this process, so the end needs no second pass
         for epoch in range(start, cfg.epochs + 1):
             metrics = self.train_one_epoch(epoch)
             ev = evaluate(self.model, self.val_ds, self.device, self.dtype, cfg.threshold, cfg.val_batch_size,
-                          self.channels_last)
+                          self.channels_last, keep_probs=plot_ids)
             metrics["val_jaccard"] = ev.jaccard
             metrics["epoch"] = epoch
             history.append(metrics)
             if ev.jaccard > best or cfg.keep == "last":
-                best, best_epoch, since_best = ev.jaccard, epoch, 0
+                best, best_epoch, since_best, kept_ev = ev.jaccard, epoch, 0, ev
                 save_checkpoint(self._checkpoint(epoch, cfg.threshold, {"val_jaccard": ev.jaccard}),
                                 self.state_dir / "best.pt")
             else:
@@ -325,11 +327,14 @@ class Trainer:
             if cfg.early_stopping and since_best >= cfg.early_stopping:
                 stopped_early = True
                 break
-        # Re-evaluate the best model, choose the threshold, and store it in the checkpoint.
+        # The kept model's evaluation (again only when it was kept before a resume), the threshold, the checkpoint.
         ckpt = load_checkpoint(self.state_dir / "best.pt")
         self.model.load_state_dict(ckpt["state_dict"])
-        ev = evaluate(self.model, self.val_ds, self.device, self.dtype, cfg.threshold, cfg.val_batch_size,
-                      self.channels_last, keep_probs=set(self.val_ids[: cfg.plot_chips]))
+        if kept_ev is not None and ckpt.get("epoch") == best_epoch:
+            ev = kept_ev
+        else:
+            ev = evaluate(self.model, self.val_ds, self.device, self.dtype, cfg.threshold, cfg.val_batch_size,
+                          self.channels_last, keep_probs=plot_ids)
         fixed = ev
         threshold = cfg.threshold
         if cfg.tune_threshold:
@@ -339,7 +344,7 @@ class Trainer:
                 threshold = cfg.threshold
         if threshold != cfg.threshold:
             ev = evaluate(self.model, self.val_ds, self.device, self.dtype, threshold, cfg.val_batch_size,
-                          self.channels_last, keep_probs=set(self.val_ids[: cfg.plot_chips]))
+                          self.channels_last, keep_probs=plot_ids)
         final = self._checkpoint(ckpt["epoch"], threshold, {"best_val_jaccard": best, "val_jaccard_at_threshold":
                                                             ev.jaccard})
         path = save_checkpoint(final, self.state_dir / "best.pt")

@@ -20,11 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cloudseg.config import ConfigError, apply_overrides, load_config, validate_config  # noqa: E402
-
-
-class SurplusTrial(RuntimeError):
-    """Another worker already started the last trial the study needs."""
+from cloudseg.config import ConfigError, load_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,14 +95,13 @@ def reconcile(study, client, current_parent: str | None = None) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    import optuna
     from mlflow.tracking import MlflowClient
 
     from cloudseg import tracking
     from cloudseg.paths import optuna_storage
-    from cloudseg.tracking.runs import load_split, start_run, train_fold
+    from cloudseg.tracking.runs import load_split, start_run
     from cloudseg.tracking.study import (
-        counted, display_url, figures, in_flight_before, load_space, make_storage, open_study, space_beside, suggest,
+        counted, display_url, figures, load_space, make_storage, open_study, space_beside, trial_objective,
     )
 
     cfg = load_config(args.config, args.sets, data=args.data)
@@ -129,30 +124,7 @@ def run_worker(args: argparse.Namespace) -> int:
                        run_name=f"{args.study}-worker{args.worker_index}")
     deadline = time.time() + args.timeout if args.timeout else None
 
-    def objective(trial: optuna.Trial) -> float:
-        if in_flight_before(study, trial.number) >= args.n_trials:
-            trial.set_user_attr("surplus", True)
-            raise SurplusTrial(f"trial {trial.number}: the study already has {args.n_trials} trials")
-        params = suggest(trial, space)
-        tcfg = apply_overrides(cfg, params, "search space")
-        validate_config(tcfg)
-
-        def report(epoch: int, metrics: dict) -> None:
-            trial.report(metrics["val_jaccard"], epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {epoch} (val_jaccard={metrics['val_jaccard']:.4f})")
-
-        tags = {"cloudseg.study": args.study, "cloudseg.trial": str(trial.number)}
-        try:
-            out = train_fold(tcfg, root, split, "trial", tags, parent, [report], killed=(optuna.TrialPruned,),
-                             on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
-        except optuna.TrialPruned:
-            client.set_tag(trial.user_attrs["mlflow_run_id"], "cloudseg.pruned", "true")
-            raise
-        except Exception as exc:
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
-            raise
-        return out.metrics["best_val_jaccard"]
+    objective = trial_objective(study, cfg, space, root, split, parent, args.study, args.n_trials)
 
     with tracking.run_status(parent):
         while counted(study) < args.n_trials and (deadline is None or time.time() < deadline):

@@ -29,6 +29,10 @@ class StudyError(ValueError):
     """The study cannot be opened as asked (bad URL, unreachable database, different search space)."""
 
 
+class SurplusTrial(RuntimeError):
+    """Another worker already started the last trial the study needs."""
+
+
 def load_space(path: Path | str) -> dict[str, dict]:
     """Read a search space: ``key: {type: float|int, low, high, log?, step?}`` or ``{type: categorical,
     choices: [...]}``; every key must be a config key."""
@@ -211,3 +215,47 @@ def figures(study: optuna.Study, out_dir: Path) -> dict[str, str]:
         except Exception as exc:  # not enough trials for this figure
             done[name] = f"not drawn: {type(exc).__name__}: {exc}"
     return done
+
+
+def trial_objective(study: optuna.Study, cfg: Config, space: dict, root: Path, split, parent: str | None,
+                    study_name: str, n_trials: int | None = None):
+    """The objective of ``experiments/sweep.py``: one nested MLflow training run per trial.
+
+    Each epoch's ``val_jaccard`` goes to the pruner; a pruned trial raises ``optuna.TrialPruned`` and its run ends
+    KILLED with ``cloudseg.pruned=true``; a trial that raises keeps its error in the user attribute ``error``.
+    With ``n_trials``, a trial started when the study already has that many raises ``SurplusTrial``.
+    Returns the trial's ``best_val_jaccard``.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from cloudseg.config import apply_overrides, validate_config
+    from cloudseg.tracking.runs import train_fold
+
+    client = MlflowClient()
+
+    def objective(trial: optuna.Trial) -> float:
+        if n_trials is not None and in_flight_before(study, trial.number) >= n_trials:
+            trial.set_user_attr("surplus", True)
+            raise SurplusTrial(f"trial {trial.number}: the study already has {n_trials} trials")
+        params = suggest(trial, space)
+        tcfg = apply_overrides(cfg, params, "search space")
+        validate_config(tcfg)
+
+        def report(epoch: int, metrics: dict) -> None:
+            trial.report(metrics["val_jaccard"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {epoch} (val_jaccard={metrics['val_jaccard']:.4f})")
+
+        tags = {"cloudseg.study": study_name, "cloudseg.trial": str(trial.number)}
+        try:
+            out = train_fold(tcfg, root, split, "trial", tags, parent, [report], killed=(optuna.TrialPruned,),
+                             on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+        except optuna.TrialPruned:
+            client.set_tag(trial.user_attrs["mlflow_run_id"], "cloudseg.pruned", "true")
+            raise
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+            raise
+        return out.metrics["best_val_jaccard"]
+
+    return objective
