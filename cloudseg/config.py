@@ -25,6 +25,7 @@ class Config:
     run_name: str = ""  # MLflow run name ("" = generated)
     # --- data
     data: str = "synthetic"  # folder in the competition layout; "synthetic" = data/synthetic, "real" = the real sample
+    mix_synthetic: int = 0  # synthetic-default chips added to every fold's training side (never validated on)
     exclude_ids: str = ""  # file of chip ids left out of training (never out of validation); "" = none
     suspect_ids: str = "auto"  # ids scored apart as suspect labels; "auto" = <data>/reference/suspect_label_ids.txt
     n_folds: int = 4  # location-grouped folds; 0 = leave-one-location-out
@@ -168,6 +169,7 @@ def validate_config(cfg: Config) -> None:
          f"crop_size={cfg.crop_size} must be 0 (full chip) or a multiple of 32 in 32..512"),
         (cfg.lr > 0, f"lr={cfg.lr} must be > 0"),
         (cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} must be >= 0"),
+        (cfg.mix_synthetic >= 0, f"mix_synthetic={cfg.mix_synthetic} must be >= 0"),
         (0 < cfg.threshold < 1, f"threshold={cfg.threshold} must be in (0, 1)"),
         (cfg.scheduler in ("cosine", "onecycle", "constant"),
          f"scheduler={cfg.scheduler!r} must be one of cosine, onecycle, constant"),

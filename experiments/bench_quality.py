@@ -29,7 +29,6 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cloudseg.config import Config, apply_overrides, load_config  # noqa: E402
-from cloudseg.metrics import JaccardAccumulator  # noqa: E402
 from cloudseg.paths import REPO_ROOT  # noqa: E402
 
 EXPERIMENT = "bench-quality"
@@ -138,7 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="explore: 3 location folds, 2 epochs, ukis at 30 m only")
     p.add_argument("--folds", type=int, default=None, help="location folds (0 = leave-one-location-out, default)")
     p.add_argument("--mix-synthetic", type=int, default=None,
-                   help="synthetic chips added to each fold's training (default: the recipe's, 0)")
+                   help="synthetic chips added to each fold's training (default: the recipe's mix_synthetic)")
     p.add_argument("--synthetic", default="synthetic", help="synthetic data folder ('synthetic' = data/synthetic)")
     p.add_argument("--ukis", default=None,
                    help="ukis settings, e.g. l2a@30,l1c@30,l2a@10,l1c@10 (default all four; --quick: the 30 m ones)")
@@ -189,7 +188,7 @@ def main(argv=None) -> int:
     n_folds = args.folds if args.folds is not None else (3 if args.quick else 0)
     folds = location_folds(meta, n_folds, cfg.seed)
     excluded = read_id_list(cfg.exclude_ids) if cfg.exclude_ids else set()
-    mix_n = args.mix_synthetic if args.mix_synthetic is not None else 0
+    mix_n = args.mix_synthetic if args.mix_synthetic is not None else cfg.mix_synthetic
     settings = args.ukis or ("l2a@30,l1c@30" if args.quick else "l2a@30,l1c@30,l2a@10,l1c@10")
     settings = [s.strip() for s in settings.split(",") if s.strip()]
     print(f"real sample {root}: {len(real.ids)} chips, {len(clean)} clean, {len(set(locations.values()))} "
@@ -253,6 +252,7 @@ def main(argv=None) -> int:
             syn_root = resolve_data(args.synthetic, cfg.synthetic_n)
             syn = validate_split(syn_root, "train", labels=True, load=True)
             scfg = apply_overrides(cfg, {"data": str(syn_root), "n_folds": 4, "fold": 0, "keep": "best",
+                                         "mix_synthetic": 0,
                                          "tune_threshold": True, "plot_chips": 6, "exclude_ids": ""}, "synthetic")
             from cloudseg.data.splits import fold_split
 

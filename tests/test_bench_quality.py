@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.data.fixtures import make_dataset
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -96,3 +98,28 @@ def test_merge_splits_prefixes_extra_chips_and_shares_arrays(tiny_data):
     assert merged.metadata.loc[new[0], "location"].startswith("syn_")
     with pytest.raises(ValueError, match="n_extra"):
         merge_splits(base, base, n_extra=99)
+
+
+def test_mixed_chips_train_in_every_fold_and_never_validate(tiny_data, tmp_path, monkeypatch):
+    """``mix_synthetic``: merged-in chips join each fold's training side; folds are made over the real chips."""
+    from cloudseg import paths
+    from cloudseg.config import Config, apply_overrides
+    from cloudseg.data.splits import location_folds
+    from cloudseg.data.synthetic import MARKER
+    from cloudseg.tracking.runs import fold_ids, load_split, own_metadata
+
+    syn = make_dataset(tmp_path / "syn", n_chips=4, locations=("SynA", "SynB"), seed=5)
+    (syn / MARKER).touch()  # a finished synthetic default, as far as resolve_data("synthetic") is concerned
+    monkeypatch.setattr(paths, "SYNTHETIC_DIR", syn)
+    cfg = apply_overrides(Config(), {"data": str(tiny_data), "n_folds": 0, "mix_synthetic": 3}, "test")
+    root, split = load_split(cfg)
+    assert len(split.mixed_ids) == 3 and all(c.startswith("syn_") for c in split.mixed_ids)
+    assert split.own_ids == split.ids[:6] and not any(c.startswith("syn_") for c in split.own_ids)
+    folds = location_folds(own_metadata(split), 0, 0)
+    assert len(folds) == 3  # the three real locations; synthetic ones never become a fold
+    for k in range(len(folds)):
+        train, val = fold_ids(apply_overrides(cfg, {"fold": k}, "test"), split, k)
+        assert set(split.mixed_ids) <= set(train)
+        assert not set(split.mixed_ids) & set(val) and val
+    with pytest.raises(ValueError, match="mix_synthetic=9"):
+        load_split(apply_overrides(cfg, {"mix_synthetic": 9}, "test"))

@@ -47,5 +47,6 @@ def merge_splits(base: ValidatedSplit, extra: ValidatedSplit, n_extra: int | Non
         has_labels=base.has_labels,
         images={**base.images, **{n: extra.images[c] for n, c in zip(new_ids, ids)}},
         masks={**base.masks, **{n: extra.masks[c] for n, c in zip(new_ids, ids)}},
+        mixed_ids=list(base.mixed_ids) + new_ids,
     )
     return merged, new_ids

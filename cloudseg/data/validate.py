@@ -45,6 +45,13 @@ class ValidatedSplit:
     has_labels: bool
     images: dict[str, np.ndarray] = field(default_factory=dict)  # id -> (4, H, W) uint16
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # id -> (H, W) uint8
+    mixed_ids: list[str] = field(default_factory=list)  # chips merged in from another dataset, for training only
+
+    @property
+    def own_ids(self) -> list[str]:
+        """The split's own chips (``ids`` without those merged in from another dataset)."""
+        mixed = set(self.mixed_ids)
+        return [c for c in self.ids if c not in mixed]
 
 
 def _check_array(path: Path, arr: np.ndarray, dtype: str, size: int, problems: list[str]) -> bool:

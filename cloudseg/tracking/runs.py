@@ -17,7 +17,6 @@ from mlflow.tracking import MlflowClient
 
 from cloudseg import tracking
 from cloudseg.config import Config, apply_overrides
-from cloudseg.data.io import load_metadata
 from cloudseg.data.splits import exclude_from_training, fold_split, location_folds, read_id_list
 from cloudseg.data.validate import ValidatedSplit, validate_split
 from cloudseg.metrics import JaccardAccumulator
@@ -66,17 +65,35 @@ def suspect_ids(cfg: Config, root: Path) -> set[str]:
 
 
 def load_split(cfg: Config) -> tuple[Path, ValidatedSplit]:
+    """The config's training split, validated and decoded, with ``mix_synthetic`` synthetic chips merged in."""
     root = resolve_data(cfg.data, cfg.synthetic_n)
     print(f"data: {root}", flush=True)
-    return root, validate_split(root, "train", labels=True, load=True)
+    split = validate_split(root, "train", labels=True, load=True)
+    if cfg.mix_synthetic:
+        from cloudseg.data.mixing import merge_splits
+
+        syn_root = resolve_data("synthetic", cfg.synthetic_n)
+        if syn_root == root:
+            raise ValueError(f"mix_synthetic={cfg.mix_synthetic}: the data already is the synthetic default; "
+                             "mixing is for real data")
+        syn = validate_split(syn_root, "train", labels=True, load=True)
+        if cfg.mix_synthetic > len(syn.ids):
+            raise ValueError(f"mix_synthetic={cfg.mix_synthetic} but {syn_root} has {len(syn.ids)} chips")
+        split, mixed = merge_splits(split, syn, cfg.mix_synthetic, prefix="syn_", seed=cfg.seed)
+        print(f"mixing {len(mixed)} synthetic chips from {syn_root} into every fold's training", flush=True)
+    return root, split
+
+
+def own_metadata(split: ValidatedSplit) -> pd.DataFrame:
+    """The split's own chips' metadata (folds are made over these; merged-in chips only ever train)."""
+    return split.metadata.drop(index=split.mixed_ids).reset_index()
 
 
 def fold_ids(cfg: Config, split: ValidatedSplit, fold: int) -> tuple[list[str], list[str]]:
-    meta = split.metadata.reset_index()
-    train, val = fold_split(meta, cfg.n_folds, fold, cfg.seed)
+    train, val = fold_split(own_metadata(split), cfg.n_folds, fold, cfg.seed)
     if cfg.exclude_ids:
         train = exclude_from_training(train, read_id_list(cfg.exclude_ids))
-    return train, val
+    return train + list(split.mixed_ids), val
 
 
 def _log_fit(run_id: str, cfg: Config, split: ValidatedSplit, result: FitResult) -> dict:
@@ -140,7 +157,7 @@ def train_fold(cfg: Config, root: Path, split: ValidatedSplit, kind: str = "trai
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "cloudseg.proc", tracking.process_tag())
     else:
-        fp = tracking.data_fingerprint(root, "train", split.ids)
+        fp = tracking.data_fingerprint(root, "train", split.own_ids)
         run_tags = {"cloudseg.data_fingerprint": fp, "cloudseg.fold": str(cfg.fold), "cloudseg.data": str(root)}
         run_tags.update(tags or {})
         run_id = start_run(cfg, kind, run_tags, parent_run_id)
@@ -166,7 +183,7 @@ def cross_validate(cfg: Config, root: Path, split: ValidatedSplit, resume_run_id
     ``tune_threshold=false`` nothing in it was chosen with the held-out labels.
     """
     client = MlflowClient()
-    n = len(location_folds(split.metadata.reset_index(), cfg.n_folds, cfg.seed))
+    n = len(location_folds(own_metadata(split), cfg.n_folds, cfg.seed))
     done: dict[int, str] = {}
     if resume_run_id:
         parent = resume_run_id
@@ -178,7 +195,7 @@ def cross_validate(cfg: Config, root: Path, split: ValidatedSplit, resume_run_id
     else:
         parent = start_run(cfg, "cv", {"cloudseg.data": str(root),
                                        "cloudseg.data_fingerprint": tracking.data_fingerprint(root, "train",
-                                                                                               split.ids)})
+                                                                                               split.own_ids)})
     t0 = time.time()
     with tracking.run_status(parent):
         rows = []
@@ -205,7 +222,7 @@ def cross_validate(cfg: Config, root: Path, split: ValidatedSplit, resume_run_id
         for k, v in metrics.items():
             client.log_metric(parent, k, float(v))
         with tracking.scratch_dir() as tmp:
-            loc = acc.by_location(split.metadata.reset_index())
+            loc = acc.by_location(own_metadata(split))
             loc.to_csv(Path(tmp) / "cv_by_location.csv", index=False)
             oof.to_csv(Path(tmp) / "cv_per_chip.csv", index=False)
             client.log_artifact(parent, str(Path(tmp) / "cv_by_location.csv"))
