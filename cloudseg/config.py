@@ -48,6 +48,7 @@ class Config:
     warmup_epochs: float = 0.5  # linear warm-up length for cosine
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     steps_per_epoch: int = 0  # optimiser steps per epoch; 0 = one pass over the training chips
+    val_every: int = 1  # validate every this many epochs, and always after the last (sweeps' pruners need 1)
     early_stopping: int = 0  # stop after this many epochs without a better val_jaccard; 0 = never
     keep: str = "best"  # checkpoint kept: best (by val_jaccard on the fold) or last (no choice made on val labels)
     # --- numerics and speed
@@ -169,6 +170,7 @@ def validate_config(cfg: Config) -> None:
          f"crop_size={cfg.crop_size} must be 0 (full chip) or a multiple of 32 in 32..512"),
         (cfg.lr > 0, f"lr={cfg.lr} must be > 0"),
         (cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} must be >= 0"),
+        (cfg.val_every >= 1, f"val_every={cfg.val_every} must be >= 1"),
         (cfg.mix_synthetic >= 0, f"mix_synthetic={cfg.mix_synthetic} must be >= 0"),
         (0 < cfg.threshold < 1, f"threshold={cfg.threshold} must be in (0, 1)"),
         (cfg.scheduler in ("cosine", "onecycle", "constant"),

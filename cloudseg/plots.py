@@ -160,12 +160,13 @@ def learning_curve(history: Sequence[dict], path: Path | str) -> Path:
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("train loss")
     ax1.grid(alpha=0.3)
-    ax2.plot(epochs, [h["val_jaccard"] for h in history], marker="o", color="#d62728")
+    validated = [h for h in history if "val_jaccard" in h]  # val_every > 1 skips some epochs
+    ax2.plot([h["epoch"] for h in validated], [h["val_jaccard"] for h in validated], marker="o", color="#d62728")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("validation Jaccard")
     ax2.grid(alpha=0.3)
-    if history:
-        best = max(history, key=lambda h: h["val_jaccard"])
+    if validated:
+        best = max(validated, key=lambda h: h["val_jaccard"])
         ax2.axvline(best["epoch"], color="grey", ls="--", lw=0.8)
         ax2.set_title(f"best {best['val_jaccard']:.4f} at epoch {best['epoch']}", fontsize=9)
     fig.savefig(path, dpi=100)

@@ -308,23 +308,26 @@ class Trainer:
         kept_ev = None  # the kept model's evaluation from this process, so the end needs no second pass
         for epoch in range(start, cfg.epochs + 1):
             metrics = self.train_one_epoch(epoch)
-            ev = evaluate(self.model, self.val_ds, self.device, self.dtype, cfg.threshold, cfg.val_batch_size,
-                          self.channels_last, keep_probs=plot_ids)
-            metrics["val_jaccard"] = ev.jaccard
             metrics["epoch"] = epoch
+            validated = epoch % cfg.val_every == 0 or epoch == cfg.epochs
+            if validated:
+                ev = evaluate(self.model, self.val_ds, self.device, self.dtype, cfg.threshold, cfg.val_batch_size,
+                              self.channels_last, keep_probs=plot_ids)
+                metrics["val_jaccard"] = ev.jaccard
+                if ev.jaccard > best or cfg.keep == "last":
+                    best, best_epoch, since_best, kept_ev = ev.jaccard, epoch, 0, ev
+                    save_checkpoint(self._checkpoint(epoch, cfg.threshold, {"val_jaccard": ev.jaccard}),
+                                    self.state_dir / "best.pt")
+                else:
+                    since_best += 1
             history.append(metrics)
-            if ev.jaccard > best or cfg.keep == "last":
-                best, best_epoch, since_best, kept_ev = ev.jaccard, epoch, 0, ev
-                save_checkpoint(self._checkpoint(epoch, cfg.threshold, {"val_jaccard": ev.jaccard}),
-                                self.state_dir / "best.pt")
-            else:
-                since_best += 1
             for cb in self.callbacks:  # logging first, so a state on disk implies its epoch was logged
                 cb(epoch, dict(metrics))
             self._save_state(epoch, best, best_epoch, history, since_best)
-            print(f"epoch {epoch}/{cfg.epochs} train_loss={metrics['train_loss']:.4f} "
-                  f"val_jaccard={ev.jaccard:.4f} chips/s={metrics['chips_per_s']:.2f}", flush=True)
-            if cfg.early_stopping and since_best >= cfg.early_stopping:
+            val = f"val_jaccard={metrics['val_jaccard']:.4f} " if validated else ""
+            print(f"epoch {epoch}/{cfg.epochs} train_loss={metrics['train_loss']:.4f} {val}"
+                  f"chips/s={metrics['chips_per_s']:.2f}", flush=True)
+            if validated and cfg.early_stopping and since_best >= cfg.early_stopping:
                 stopped_early = True
                 break
         # The kept model's evaluation (again only when it was kept before a resume), the threshold, the checkpoint.

@@ -63,6 +63,19 @@ def test_one_epoch_run_is_fully_tracked(env, tiny_data, capsys):
     assert f"run_id={run.info.run_id}" in capsys.readouterr().out
 
 
+def test_val_every_validates_every_kth_epoch_and_the_last(env, tiny_data):
+    sets = [*TINY, "--set", "epochs=5", "--set", "val_every=2", "--set", "steps_per_epoch=1", "--set", "keep=last"]
+    assert train_script.main(["--data", str(tiny_data), *sets]) == 0
+    client, runs = _only_run()
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_jaccard")] == [2, 4, 5]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4, 5]
+    assert run.data.metrics["best_epoch"] == 5  # keep=last: the last epoch, validated although 5 % 2 != 0
+    last = client.get_metric_history(run.info.run_id, "val_jaccard")[-1].value
+    assert run.data.metrics["best_val_jaccard"] == pytest.approx(last)
+
+
 def test_checkpoint_rebuilds_model_alone(env, tiny_data, tmp_path):
     train_script.main(["--data", str(tiny_data), *TINY])
     client, runs = _only_run()

@@ -242,6 +242,8 @@ def trial_objective(study: optuna.Study, cfg: Config, space: dict, root: Path, s
         validate_config(tcfg)
 
         def report(epoch: int, metrics: dict) -> None:
+            if "val_jaccard" not in metrics:  # an epoch without validation (val_every > 1)
+                return
             trial.report(metrics["val_jaccard"], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch} (val_jaccard={metrics['val_jaccard']:.4f})")
