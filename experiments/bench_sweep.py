@@ -1,15 +1,16 @@
 """Does pruning pay? The same Optuna study with and without its pruner, over several sampler seeds.
 
     python experiments/bench_sweep.py [--config experiments/configs/bench-sweep.yaml] [--space FILE]
-        [--seeds 0,1,2] [--n-trials 6] [--chips 24] [--budget 1200] [--set key=value]...
+        [--seeds 0,1,2] [--n-trials 6] [--chips 24] [--jobs 2] [--budget 1200] [--set key=value]...
 
 For each seed the study runs twice from the same TPE seed: once with the config's pruner, once with
-``pruner=none``. The two arms run side by side in two processes of one torch thread each, so both see the same
-machine. Each arm is a real study of ``experiments/sweep.py``'s objective (every trial a nested MLflow run in
+``pruner=none``. Each arm is a process with one torch thread; ``--jobs`` of them run at once, the unpruned (longest)
+arms first. Each arm is a real study with ``experiments/sweep.py``'s objective (every trial a nested MLflow run in
 experiment ``bench-sweep``; its Optuna storage under ``.cache/bench_sweep/``). The search space is the shipped one
 beside the config (``space.yaml`` unless ``<config>-space.yaml`` exists).
 
-An epoch is one ``val_jaccard`` report to the pruner, so a trial pruned after its second epoch counts 2. ``best``
+An epoch is one ``val_jaccard`` report to the pruner (the config validates every epoch), so a trial pruned after
+its second epoch counts 2. ``best``
 is the study's best ``best_val_jaccard`` (complete trials only). Last line, each the mean over the seeds:
 ``epochs_saved=<1 - epochs(pruned) / epochs(unpruned)> best_delta=<best(pruned) - best(unpruned)>``.
 
@@ -44,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-trials", type=int, default=6, help="trials per study")
     p.add_argument("--chips", type=int, default=24,
                    help="synthetic chips the studies train and validate on (0 = the config's data as it is)")
+    p.add_argument("--jobs", type=int, default=2, help="arms (one torch thread each) running at once")
     p.add_argument("--budget", type=float, default=1200.0, help="seconds; no trial starts after this")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one arm (JSON spec)
@@ -117,6 +119,19 @@ def summarize_study(study, spec: dict) -> dict:
     }
 
 
+def collect(rc: int, spec: dict) -> dict:
+    """An arm's result, or a clear exit when it failed or completed no trial."""
+    out, log = Path(spec["out"]), CACHE / f"{spec['study']}.log"
+    if rc != 0 or not out.is_file():
+        raise SystemExit(f"bench_sweep: study {spec['study']} failed (exit {rc}); see {log}")
+    r = json.loads(out.read_text())
+    for err in r["errors"]:
+        print(f"seed {r['seed']} {r['pruner']}: a trial failed: {err}", flush=True)
+    if r["best"] is None:
+        raise SystemExit(f"bench_sweep: study {spec['study']} has no complete trial; see {log}")
+    return r
+
+
 def aggregate(results: list[dict], pruner: str) -> dict:
     """Per-seed and mean ``epochs_saved`` / ``best_delta`` from the arms' results, with the seeds' noise."""
     import numpy as np
@@ -185,31 +200,31 @@ def main(argv: list[str] | None = None) -> int:
           f"config {args.config.name}, data {data or cfg.data}, budget {args.budget:.0f}s", flush=True)
     CACHE.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    results = []
-    for seed in seeds:
-        procs = []
-        for pruner in (cfg.pruner, "none"):
+    # every arm is its own process and study; --jobs of them run at once, the unpruned (longest) arms first
+    queue = []
+    for pruner in ("none", cfg.pruner):
+        for seed in seeds:
             study = f"bench-sweep-{stamp}-s{seed}-{pruner}"
-            out = CACHE / f"{study}.json"
-            spec = {"config": str(args.config), "space": str(args.space) if args.space else None,
-                    "sets": args.sets, "data": data, "seed": seed, "pruner": pruner, "study": study,
-                    "n_trials": args.n_trials, "deadline": deadline, "out": str(out)}
-            log = open(CACHE / f"{study}.log", "w")
-            procs.append((subprocess.Popen([sys.executable, __file__, "--one", json.dumps(spec)], env=env,
-                                           stdout=log, stderr=subprocess.STDOUT), out, log, study))
-        for proc, out, log, study in procs:
-            rc = proc.wait()
+            queue.append({"config": str(args.config), "space": str(args.space) if args.space else None,
+                          "sets": args.sets, "data": data, "seed": seed, "pruner": pruner, "study": study,
+                          "n_trials": args.n_trials, "deadline": deadline, "out": str(CACHE / f"{study}.json")})
+    results, running = [], []
+    while queue or running:
+        while queue and len(running) < args.jobs:
+            spec = queue.pop(0)
+            log = open(CACHE / f"{spec['study']}.log", "w")
+            proc = subprocess.Popen([sys.executable, __file__, "--one", json.dumps(spec)], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+            running.append((proc, spec, log))
+        time.sleep(1)
+        for item in [x for x in running if x[0].poll() is not None]:
+            running.remove(item)
+            proc, spec, log = item
             log.close()
-            if rc != 0 or not out.is_file():
-                raise SystemExit(f"bench_sweep: study {study} failed (exit {rc}); see {CACHE / (study + '.log')}")
-            r = json.loads(out.read_text())
-            results.append(r)
-            for err in r["errors"]:
-                print(f"seed {seed} {r['pruner']}: a trial failed: {err}", flush=True)
-            if r["best"] is None:
-                raise SystemExit(f"bench_sweep: study {study} has no complete trial; see {CACHE / (study + '.log')}")
-            print(f"seed {seed} {r['pruner']}: {r['trials']} trials, {r['pruned']} pruned, {r['epochs']} epochs, "
-                  f"best {r['best']}, {r['wall_s']:.0f}s (elapsed {time.time() - t0:.0f}s)", flush=True)
+            results.append(collect(proc.returncode, spec))
+            r = results[-1]
+            print(f"seed {r['seed']} {r['pruner']}: {r['trials']} trials, {r['pruned']} pruned, {r['epochs']} "
+                  f"epochs, best {r['best']}, {r['wall_s']:.0f}s (elapsed {time.time() - t0:.0f}s)", flush=True)
     agg = aggregate(results, cfg.pruner)
     print_table(results, agg)
     print(f"wall time {time.time() - t0:.0f}s; MLflow experiment {EXPERIMENT}; Optuna storages in {CACHE}")
