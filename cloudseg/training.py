@@ -209,9 +209,8 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.loss_fn = build_loss(cfg.loss)
-        self.train_ds = ChipDataset(self.split, self.train_ids, build_train_transform(cfg.crop_size or None,
-                                                                                       cfg.aug_strength),
-                                    self.normalization)
+        transform = build_train_transform(cfg.crop_size or None, cfg.aug_strength, seed=cfg.seed)
+        self.train_ds = ChipDataset(self.split, self.train_ids, transform, self.normalization)
         self.val_ds = ChipDataset(self.split, self.val_ids, None, self.normalization)
         n = len(self.train_ds)
         per_epoch = cfg.steps_per_epoch or max(1, n // cfg.batch_size if n >= cfg.batch_size else 1)

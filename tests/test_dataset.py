@@ -58,3 +58,19 @@ def test_strong_augmentation_runs_and_keeps_shapes():
         out_img, out_mask = apply_transform(t, img, mask)
         assert out_img.shape == (4, 48, 48) and out_img.dtype == np.float32
         assert set(np.unique(out_mask)) <= {0, 1}
+
+
+def test_seeded_augmentation_repeats_and_other_seeds_differ():
+    """Same seed, same crops and warps (albumentations ignores the global seeds); another seed differs."""
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 10000, (4, 64, 64)).astype(np.uint16)
+    mask = (img[0] > 5000).astype(np.uint8)
+
+    def draws(seed):
+        t = build_train_transform(32, strength=1.0, seed=seed)
+        return [apply_transform(t, img, mask)[0] for _ in range(6)]
+
+    a, b, c = draws(7), draws(7), draws(8)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, z) for x, z in zip(a, c))

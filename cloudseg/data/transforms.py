@@ -37,9 +37,12 @@ class Normalization:
         return cls(float(d["divisor"]), float(d["clip"]), tuple(d["mean"]), tuple(d["std"]))
 
 
-def build_train_transform(crop_size: int | None, strength: float = 0.0) -> A.Compose:
+def build_train_transform(crop_size: int | None, strength: float = 0.0, seed: int | None = None) -> A.Compose:
     """Random crop, the 8 flips/rotations of the square (D4), and, with ``strength`` > 0, mild affine warps,
-    blur and per-chip brightness gain. One call transforms image (H, W, C float32) and mask (H, W) together."""
+    blur and per-chip brightness gain. One call transforms image (H, W, C float32) and mask (H, W) together.
+
+    Albumentations draws from its own generator, not from ``random``/``numpy``/``torch``: without ``seed`` two runs
+    with the same config would see different crops and augmentations."""
     ops: list = []
     if crop_size:
         ops.append(A.RandomCrop(crop_size, crop_size))
@@ -53,7 +56,7 @@ def build_train_transform(crop_size: int | None, strength: float = 0.0) -> A.Com
             A.MultiplicativeNoise(multiplier=(1 - 0.15 * s, 1 + 0.15 * s), per_channel=False, elementwise=False,
                                   p=0.5 * s),
         ]
-    return A.Compose(ops)
+    return A.Compose(ops, seed=seed)
 
 
 def apply_transform(transform, image: np.ndarray, mask: np.ndarray | None):
