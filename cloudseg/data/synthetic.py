@@ -940,14 +940,18 @@ def is_complete(path: Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
+DEFAULT_N = 96  # training chips of the synthetic default (config key synthetic_n)
+DEFAULT_N_TEST = 20
+
+
 def ensure_synthetic_default(
-    n: int = 80, n_test: int = 20, seed: int = 0, *, path: Path | None = None, size: int = 512
+    n: int = DEFAULT_N, n_test: int = DEFAULT_N_TEST, seed: int = 0, *, path: Path | None = None, size: int = 512
 ) -> Path:
     """The default synthetic dataset (``data/synthetic/``), generated on first use.
 
-    The default 80 train chips (8 locations) and 20 test chips (2 other locations) take about 15 s of one core
+    The default 96 train chips (9 locations) and 20 test chips (2 other locations) take about 15-30 s of one core
     (generation ~100 ms and writing ~50 ms a chip); an existing complete folder is returned as it is, whatever
-    counts it was made with.
+    counts it was made with. Every caller uses the same defaults, so which command makes it first does not matter.
 
     Safe under concurrent callers: each generates into its own temporary folder; whoever loses the rename uses
     the winner's folder.

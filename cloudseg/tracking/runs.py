@@ -36,12 +36,12 @@ def state_root() -> Path:
     return Path(os.environ.get("CLOUDSEG_STATE_ROOT", REPO_ROOT / ".cache" / "runs"))
 
 
-def resolve_data(data: str, synthetic_n: int = 96) -> Path:
+def resolve_data(data: str, synthetic_n: int | None = None) -> Path:
     """``synthetic`` -> data/synthetic (generated on first use); ``real`` -> the real sample; else a folder."""
     if data == "synthetic":
         from cloudseg.data.synthetic import ensure_synthetic_default
 
-        return ensure_synthetic_default(n=synthetic_n)
+        return ensure_synthetic_default() if synthetic_n is None else ensure_synthetic_default(n=synthetic_n)
     if data == "real":
         root = real_data_dir()
         if not (root / "train_metadata.csv").is_file():
