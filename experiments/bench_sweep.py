@@ -1,7 +1,7 @@
 """Does pruning pay? The same Optuna study with and without its pruner, over several sampler seeds.
 
     python experiments/bench_sweep.py [--config experiments/configs/bench-sweep.yaml] [--space FILE]
-        [--seeds 0,1,2] [--n-trials 6] [--chips 24] [--jobs 2] [--budget 1200] [--set key=value]...
+        [--seeds 0,1,2] [--n-trials 8] [--chips 24] [--jobs 2] [--budget 1200] [--set key=value]...
 
 For each seed the study runs twice from the same TPE seed: once with the config's pruner, once with
 ``pruner=none``. Each arm is a process with one torch thread; ``--jobs`` of them run at once, the unpruned (longest)
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, default=CONFIGS_DIR / "bench-sweep.yaml", help="base training config")
     p.add_argument("--space", type=Path, default=None, help="search space (default: the one beside the config)")
     p.add_argument("--seeds", default="0,1,2", help="sampler (and training) seeds, comma-separated")
-    p.add_argument("--n-trials", type=int, default=6, help="trials per study")
+    p.add_argument("--n-trials", type=int, default=8, help="trials per study")
     p.add_argument("--chips", type=int, default=24,
                    help="synthetic chips the studies train and validate on (0 = the config's data as it is)")
     p.add_argument("--jobs", type=int, default=2, help="arms (one torch thread each) running at once")
