@@ -80,11 +80,18 @@ def test_two_workers_then_resume(sweep_env, tiny_data):
 @pytest.mark.slow
 def test_raising_trial_fails_and_study_continues(sweep_env, tiny_data):
     sweep_env["space"].write_text("encoder: {type: categorical, choices: [resnet18, not_an_encoder]}\n")
+    # the sampler's seed differs per worker process, so queue a failing trial first and a good one second
+    # rather than hope the random draws pick each
+    queued = optuna.create_study(study_name="raise", storage=sweep_env["storage"], direction="maximize")
+    queued.enqueue_trial({"encoder": "not_an_encoder"})
+    queued.enqueue_trial({"encoder": "resnet18"})
     res = _sweep(sweep_env, tiny_data, "raise", 4)
     assert res.returncode == 0, res.stderr[-3000:]
     study = optuna.load_study(study_name="raise", storage=sweep_env["storage"])
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
-    assert failed and all("not_an_encoder" in t.user_attrs["error"] for t in failed)
+    assert 0 in [t.number for t in failed]
+    assert all("not_an_encoder" in t.user_attrs["error"] for t in failed)
+    assert study.trials[1].state == TrialState.COMPLETE
     assert len(study.trials) == 4
     runs = {r.data.tags["cloudseg.trial"]: r for r in _runs("trial")}
     for t in failed:
