@@ -135,6 +135,23 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
 
 
+def load_init_weights(model: torch.nn.Module, args: dict, path: Path | str) -> None:
+    """Load a cloudseg checkpoint's weights into ``model`` (config key init_from); refuse another model."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: {path} is not a checkpoint file (an MLflow run id is resolved by "
+                                "experiments/train.py and sweep.py)")
+    ckpt = load_checkpoint(path)
+    theirs = {k: ckpt["model"].get(k) for k in ("arch", "encoder_name", "in_channels", "classes")}
+    mine = {k: args.get(k) for k in theirs}
+    if theirs != mine:
+        raise ValueError(f"init_from: {path} holds {theirs['arch']}+{theirs['encoder_name']} "
+                         f"({theirs['in_channels']} bands, {theirs['classes']} classes) but the config builds "
+                         f"{mine['arch']}+{mine['encoder_name']} ({mine['in_channels']} bands, {mine['classes']} "
+                         "classes); set arch and encoder to match")
+    model.load_state_dict(ckpt["state_dict"])
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -186,8 +203,11 @@ class Trainer:
         val_ids: list[str],
         state_dir: Path | str,
         callbacks: list[Callback] | None = None,
+        init_weights: Path | str | None = None,
     ):
         self.cfg, self.split = cfg, split
+        # the checkpoint cfg.init_from names, as a local file (callers resolve MLflow run ids to one)
+        self.init_weights = init_weights if init_weights is not None else (cfg.init_from or None)
         self.train_ids, self.val_ids = list(train_ids), list(val_ids)
         self.state_dir = Path(state_dir)
         self.callbacks = list(callbacks or [])
@@ -204,6 +224,8 @@ class Trainer:
         seed_everything(cfg.seed)
         self.model_args = model_args(cfg.arch, cfg.encoder)
         model = build_model(cfg.arch, cfg.encoder, encoder_weights=cfg.encoder_weights or None)
+        if self.init_weights:
+            load_init_weights(model, self.model_args, self.init_weights)
         model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)

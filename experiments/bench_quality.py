@@ -108,13 +108,14 @@ def train_model(cfg: Config, split, train_ids: list[str], val_ids: list[str], ki
                 parent: str):
     """Train one model with ``Trainer`` as an MLflow child run; returns (run_id, FitResult)."""
     from cloudseg import tracking
-    from cloudseg.tracking.runs import start_run, state_root
+    from cloudseg.tracking.runs import resolve_init, start_run, state_root
     from cloudseg.training import Trainer
 
     run_id = start_run(cfg, kind, {**tags, "cloudseg.bench_parent": parent}, parent)
     print(f"[{kind}] run {run_id}: {len(train_ids)} training / {len(val_ids)} validation chips", flush=True)
     with tracking.run_status(run_id):
-        trainer = Trainer(cfg, split, train_ids, val_ids, state_root() / run_id, [tracking.EpochLogger(run_id)])
+        trainer = Trainer(cfg, split, train_ids, val_ids, state_root() / run_id, [tracking.EpochLogger(run_id)],
+                          init_weights=resolve_init(cfg.init_from))
         result = trainer.fit()
         from mlflow.tracking import MlflowClient
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
     from cloudseg import tracking
-    from cloudseg.tracking.runs import cross_validate, load_split, train_fold
+    from cloudseg.tracking.runs import cross_validate, load_split, resolve_init, train_fold
 
     tracking.echo_stores()
     if args.resume:
@@ -64,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
             out = train_fold(cfg, root, split, run.data.tags.get("cloudseg.kind", "train"), resume_run_id=args.resume)
     else:
         exp_id = tracking.setup(cfg.experiment)
+        try:
+            resolve_init(cfg.init_from)  # a bad init_from fails here, before any run starts
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return 2
         tracking.close_stale_runs([exp_id])
         root, split = load_split(cfg)
         out = cross_validate(cfg, root, split) if cfg.cv else train_fold(cfg, root, split)

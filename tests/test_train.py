@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -90,6 +91,43 @@ def test_checkpoint_rebuilds_model_alone(env, tiny_data, tmp_path):
     model = model_from_checkpoint(ckpt)
     out = model(torch.zeros(1, 4, 64, 64))
     assert out.shape == (1, 1, 64, 64)
+
+
+def test_init_from_a_run_starts_from_its_weights(env, tiny_data, capsys):
+    assert train_script.main(["--data", str(tiny_data), *TINY]) == 0
+    client, runs = _only_run()
+    source = runs[0].info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        src = load_checkpoint(client.download_artifacts(source, "checkpoint/best.pt", tmp))["state_dict"]
+    # lr=1e-12: the weights barely move, so the new run's checkpoint holds the source's conv weights
+    # (batch-norm running statistics still update in train mode, so those are left out)
+    assert train_script.main(["--data", str(tiny_data), *TINY, "--set", f"init_from={source}",
+                              "--set", "lr=1e-12", "--set", "seed=7"]) == 0
+    _, runs = _only_run()
+    tuned = next(r for r in runs if r.info.run_id != source)
+    assert tuned.data.params["init_from"] == source
+    with tempfile.TemporaryDirectory() as tmp:
+        new = load_checkpoint(client.download_artifacts(tuned.info.run_id, "checkpoint/best.pt", tmp))["state_dict"]
+    convs = [k for k, v in src.items() if k.endswith(".weight") and v.ndim == 4]
+    assert len(convs) > 10 and all(torch.allclose(src[k], new[k], rtol=0, atol=1e-8) for k in convs)
+    # without init_from the same seed-7 run starts elsewhere
+    assert train_script.main(["--data", str(tiny_data), *TINY, "--set", "lr=1e-12", "--set", "seed=7"]) == 0
+    _, runs = _only_run()
+    fresh = next(r for r in runs if r.info.run_id not in (source, tuned.info.run_id))
+    with tempfile.TemporaryDirectory() as tmp:
+        other = load_checkpoint(client.download_artifacts(fresh.info.run_id, "checkpoint/best.pt", tmp))["state_dict"]
+    assert not torch.allclose(src[convs[0]], other[convs[0]], rtol=0, atol=1e-3)
+    capsys.readouterr()
+    # refusals, before any run starts
+    assert train_script.main(["--data", str(tiny_data), *TINY, "--set", "init_from=/nope/best.pt"]) == 2
+    assert "'/nope/best.pt' is neither a checkpoint file nor an MLflow run id" in capsys.readouterr().err
+    assert train_script.main(["--data", str(tiny_data), *TINY, "--set", "init_from=" + "0" * 32]) == 2
+    assert f"no MLflow run {'0' * 32}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="holds Unet\\+resnet18 .* builds Unet\\+resnet34"):
+        train_script.main(["--data", str(tiny_data), *TINY, "--set", f"init_from={source}",
+                           "--set", "encoder=resnet34"])
+    assert len(_only_run()[1]) == 4  # the refused runs started nothing; the mismatched one ended FAILED
+    assert sum(r.info.status == "FAILED" for r in _only_run()[1]) == 1
 
 
 def test_set_errors(env, tiny_data, capsys):

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cloudseg import tracking
@@ -34,6 +36,29 @@ class RunOutcome:
 def state_root() -> Path:
     """Local resumable training states (``<root>/<run_id>/last.pt``)."""
     return Path(os.environ.get("CLOUDSEG_STATE_ROOT", REPO_ROOT / ".cache" / "runs"))
+
+
+def resolve_init(value: str) -> Path | None:
+    """The local checkpoint file config key ``init_from`` names: a path as it is, or an MLflow run id whose
+    ``checkpoint/best.pt`` is downloaded once into the state root."""
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    if not re.fullmatch(r"[0-9a-f]{32}", value):
+        raise FileNotFoundError(f"init_from: {value!r} is neither a checkpoint file nor an MLflow run id")
+    cached = state_root() / "init" / value / "checkpoint" / "best.pt"
+    if cached.is_file():
+        return cached
+    client = MlflowClient()
+    try:
+        run = client.get_run(value)
+    except MlflowException as exc:
+        raise ValueError(f"init_from: no MLflow run {value} in {tracking.tracking_uri()}") from exc
+    if not any(a.path == "checkpoint/best.pt" for a in client.list_artifacts(value, "checkpoint")):
+        raise ValueError(f"init_from: run {value} ({run.info.run_name}) has no checkpoint/best.pt artifact")
+    return tracking.download(value, "checkpoint/best.pt", cached.parent.parent)
 
 
 def resolve_data(data: str, synthetic_n: int | None = None) -> Path:
@@ -170,7 +195,7 @@ def train_fold(cfg: Config, root: Path, split: ValidatedSplit, kind: str = "trai
         on_start(run_id)
     with tracking.run_status(run_id, killed):
         trainer = Trainer(cfg, split, train_ids, val_ids, state_root() / run_id,
-                          [tracking.EpochLogger(run_id), *(callbacks or [])])
+                          [tracking.EpochLogger(run_id), *(callbacks or [])], init_weights=resolve_init(cfg.init_from))
         result = trainer.fit()
         metrics = _log_fit(run_id, cfg, split, result)
     return RunOutcome(run_id, result, metrics)
