@@ -105,8 +105,9 @@ def recipes_tried(experiments=DEV_EXPERIMENTS) -> int:
 
 
 def train_model(cfg: Config, split, train_ids: list[str], val_ids: list[str], kind: str, tags: dict,
-                parent: str):
-    """Train one model with ``Trainer`` as an MLflow child run; returns (run_id, FitResult)."""
+                parent: str, init_weights: Path | None = None):
+    """Train one model with ``Trainer`` as an MLflow child run; returns (run_id, FitResult).
+    ``init_weights`` (a checkpoint file) stands for ``cfg.init_from`` when given."""
     from cloudseg import tracking
     from cloudseg.tracking.runs import resolve_init, start_run, state_root
     from cloudseg.training import Trainer
@@ -115,7 +116,7 @@ def train_model(cfg: Config, split, train_ids: list[str], val_ids: list[str], ki
     print(f"[{kind}] run {run_id}: {len(train_ids)} training / {len(val_ids)} validation chips", flush=True)
     with tracking.run_status(run_id):
         trainer = Trainer(cfg, split, train_ids, val_ids, state_root() / run_id, [tracking.EpochLogger(run_id)],
-                          init_weights=resolve_init(cfg.init_from))
+                          init_weights=init_weights or resolve_init(cfg.init_from))
         result = trainer.fit()
         from mlflow.tracking import MlflowClient
 
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
     from cloudseg.data.splits import location_folds, read_id_list
     from cloudseg.data.validate import validate_split
     from cloudseg.paths import real_data_dir
-    from cloudseg.tracking.runs import resolve_data, start_run
+    from cloudseg.tracking.runs import config_path, resolve_data, start_run
     from cloudseg.training import predict_probs
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -218,6 +219,39 @@ def main(argv=None) -> int:
         methods["all_cloud"], methods["brightness"] = allc, bright
         print(f"brightness thresholds per fold (fitted on training locations): {thresholds}", flush=True)
 
+        # ---------------------------------------------------------- synthetic-only model
+        # the recipe's own pretraining when its init_from names a config (trained here, so the benchmark's time
+        # includes it; the folds start from it), else the recipe's settings on the synthetic default
+        pre_path = config_path(cfg.init_from) if cfg.init_from else None
+        syn_ckpt = None
+        if "synthetic" not in skip:
+            from cloudseg.data.splits import fold_split
+
+            if pre_path is not None:
+                pover = {"experiment": EXPERIMENT, "num_threads": args.threads}
+                if args.quick:
+                    pover["epochs"] = 2
+                scfg = apply_overrides(load_config(pre_path), pover, f"pretraining {pre_path.name}")
+                syn_root = resolve_data(scfg.data, scfg.synthetic_n)
+            else:
+                syn_root = resolve_data(args.synthetic, cfg.synthetic_n)
+                scfg = apply_overrides(cfg, {"data": str(syn_root), "n_folds": 4, "fold": 0, "keep": "best",
+                                             "mix_synthetic": 0, "init_from": "", "tune_threshold": True,
+                                             "plot_chips": 6, "exclude_ids": ""}, "synthetic")
+            syn = validate_split(syn_root, "train", labels=True, load=True)
+            s_train, s_val = fold_split(syn.metadata.reset_index(), scfg.n_folds, scfg.fold, scfg.seed)
+            rid, res = train_model(scfg, syn, s_train, s_val, "bench-synthetic", {"cloudseg.data": str(syn_root)},
+                                   parent)
+            run_ids["synthetic_only"] = [rid]
+            syn_ckpt = res.checkpoint if pre_path is not None else None
+            probs = predict_probs(res.checkpoint, ChipDataset(real), batch_size=cfg.val_batch_size)
+            sc = Counts("synthetic_only")
+            for c, p in probs.items():  # threshold tuned on synthetic validation chips, never on real labels
+                sc.add_mask(c, p >= res.threshold, real.masks[c])
+            methods["synthetic_only"] = sc
+            print(f"[synthetic] all={sc.score():.4f} clean={sc.score(clean):.4f} "
+                  f"elapsed {time.time() - t_start:.0f}s", flush=True)
+
         # ---------------------------------------------------------- cloudseg recipe, out of fold
         oof: dict[str, np.ndarray] = {}
         if "cloudseg" not in skip:
@@ -234,7 +268,7 @@ def main(argv=None) -> int:
                 fcfg = apply_overrides(cfg, {"fold": k, "n_folds": n_folds, "cv": False}, "bench fold")
                 fit_ids = [c for c in train_ids if c not in excluded] + syn_ids
                 rid, res = train_model(fcfg, split, fit_ids, val_ids, "bench-recipe",
-                                       {"cloudseg.fold": str(k), "cloudseg.data": str(root)}, parent)
+                                       {"cloudseg.fold": str(k), "cloudseg.data": str(root)}, parent, syn_ckpt)
                 run_ids["cloudseg"].append(rid)
                 per = res.fixed_eval.per_chip.per_chip()
                 for r in per.itertuples():
@@ -247,25 +281,6 @@ def main(argv=None) -> int:
                 args.oof_out.parent.mkdir(parents=True, exist_ok=True)
                 np.savez_compressed(args.oof_out, **oof)
                 print(f"out-of-fold probabilities: {args.oof_out}", flush=True)
-
-        # ---------------------------------------------------------- synthetic-only model
-        if "synthetic" not in skip:
-            syn_root = resolve_data(args.synthetic, cfg.synthetic_n)
-            syn = validate_split(syn_root, "train", labels=True, load=True)
-            scfg = apply_overrides(cfg, {"data": str(syn_root), "n_folds": 4, "fold": 0, "keep": "best",
-                                         "mix_synthetic": 0,
-                                         "tune_threshold": True, "plot_chips": 6, "exclude_ids": ""}, "synthetic")
-            from cloudseg.data.splits import fold_split
-
-            s_train, s_val = fold_split(syn.metadata.reset_index(), 4, 0, cfg.seed)
-            rid, res = train_model(scfg, syn, s_train, s_val, "bench-synthetic", {"cloudseg.data": str(syn_root)},
-                                   parent)
-            run_ids["synthetic_only"] = [rid]
-            probs = predict_probs(res.checkpoint, ChipDataset(real), batch_size=cfg.val_batch_size)
-            sc = Counts("synthetic_only")
-            for c, p in probs.items():  # threshold tuned on synthetic validation chips, never on real labels
-                sc.add_mask(c, p >= res.threshold, real.masks[c])
-            methods["synthetic_only"] = sc
 
         # ---------------------------------------------------------- peer: ukis-csmask
         ukis_counts: dict[str, Counts] = {}

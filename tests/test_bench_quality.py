@@ -76,7 +76,8 @@ def test_bench_quality_trains_the_recipe_out_of_fold(tiny_data, mlflow_tmp, tmp_
     bq = _bench()
     rc = bq.main(["--data", str(tiny_data), "--folds", "0", "--skip", "synthetic,ukis", "--threads", "1",
                   "--set", "epochs=1", "--set", "crop_size=64", "--set", "batch_size=2", "--set", "steps_per_epoch=1",
-                  "--set", "val_batch_size=2", "--oof-out", str(tmp_path / "oof.npz"), "--bootstrap", "50"])
+                  "--set", "val_batch_size=2", "--set", "init_from=", "--oof-out", str(tmp_path / "oof.npz"),
+                  "--bootstrap", "50"])
     assert rc == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     m = re.fullmatch(r"cloudseg_all=(\S+) cloudseg_clean=(\S+) ukis_all=nan ukis_clean=nan "
@@ -84,6 +85,41 @@ def test_bench_quality_trains_the_recipe_out_of_fold(tiny_data, mlflow_tmp, tmp_
     assert m and 0.0 <= float(m.group(1)) <= 1.0
     with np.load(tmp_path / "oof.npz") as z:
         assert len(z.files) == 6 and z[z.files[0]].shape == (512, 512)  # every chip predicted out of fold
+
+
+@pytest.mark.slow
+def test_a_recipe_pretraining_is_the_synthetic_model_and_seeds_every_fold(tiny_data, mlflow_tmp, tmp_path, capsys,
+                                                                           monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from cloudseg import training
+
+    pre = tmp_path / "pre.yaml"
+    pre.write_text(f"experiment: pre\ndata: {tiny_data}\nencoder: resnet18\nepochs: 1\nbatch_size: 2\n"
+                   "crop_size: 64\nn_folds: 3\nval_batch_size: 2\nplot_chips: 1\nsteps_per_epoch: 1\n")
+    loaded = []
+    real_load = training.load_init_weights
+    monkeypatch.setattr(training, "load_init_weights", lambda m, a, p: (loaded.append(Path(p)), real_load(m, a, p)))
+    bq = _bench()
+    rc = bq.main(["--data", str(tiny_data), "--folds", "0", "--skip", "ukis", "--threads", "1",
+                  "--set", "epochs=1", "--set", "crop_size=64", "--set", "batch_size=2", "--set", "steps_per_epoch=1",
+                  "--set", "val_batch_size=2", "--set", "encoder=resnet18", "--set", "mix_synthetic=0",
+                  "--set", f"init_from={pre}", "--bootstrap", "50"])
+    assert rc == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"cloudseg_all=0\.\d+ cloudseg_clean=\S+ ukis_all=nan ukis_clean=nan "
+                        r"synthetic_only_all=0\.\d+ synthetic_only_clean=\S+", last), last
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("bench-quality").experiment_id])
+    syn = [r for r in runs if r.data.tags["cloudseg.kind"] == "bench-synthetic"]
+    folds = [r for r in runs if r.data.tags["cloudseg.kind"] == "bench-recipe"]
+    assert len(syn) == 1 and len(folds) == 3  # tiny_data: 3 locations
+    assert syn[0].data.params["epochs"] == "1" and syn[0].data.params["steps_per_epoch"] == "1"
+    assert syn[0].info.start_time < min(r.info.start_time for r in folds)
+    # every fold started from the synthetic model's checkpoint, and nothing went to the config's own experiment
+    assert len(loaded) == 3 and len(set(loaded)) == 1 and loaded[0].name == "best.pt"
+    assert syn[0].info.run_id in str(loaded[0])
+    assert client.get_experiment_by_name("pre") is None
 
 
 def test_merge_splits_prefixes_extra_chips_and_shares_arrays(tiny_data):

@@ -120,7 +120,7 @@ def test_init_from_a_run_starts_from_its_weights(env, tiny_data, capsys):
     capsys.readouterr()
     # refusals, before any run starts
     assert train_script.main(["--data", str(tiny_data), *TINY, "--set", "init_from=/nope/best.pt"]) == 2
-    assert "'/nope/best.pt' is neither a checkpoint file nor an MLflow run id" in capsys.readouterr().err
+    assert "'/nope/best.pt' is neither a checkpoint file, an MLflow run id nor a YAML config" in capsys.readouterr().err
     assert train_script.main(["--data", str(tiny_data), *TINY, "--set", "init_from=" + "0" * 32]) == 2
     assert f"no MLflow run {'0' * 32}" in capsys.readouterr().err
     with pytest.raises(ValueError, match="holds Unet\\+resnet18 .* builds Unet\\+resnet34"):
@@ -128,6 +128,33 @@ def test_init_from_a_run_starts_from_its_weights(env, tiny_data, capsys):
                            "--set", "encoder=resnet34"])
     assert len(_only_run()[1]) == 4  # the refused runs started nothing; the mismatched one ended FAILED
     assert sum(r.info.status == "FAILED" for r in _only_run()[1]) == 1
+
+
+def test_init_from_a_config_trains_it_once(env, tiny_data, tmp_path, capsys):
+    pre = tmp_path / "pre.yaml"
+    pre.write_text(f"experiment: pre\ndata: {tiny_data}\nencoder: resnet18\nepochs: 1\nbatch_size: 2\n"
+                   "crop_size: 64\nn_folds: 3\nval_batch_size: 2\nplot_chips: 1\n")
+    tune = [*TINY, "--set", f"init_from={pre}"]
+    assert train_script.main(["--data", str(tiny_data), *tune]) == 0
+    assert "no finished run of it" in capsys.readouterr().out
+    client = MlflowClient()
+    pre_runs = client.search_runs([client.get_experiment_by_name("pre").experiment_id])
+    assert len(pre_runs) == 1 and pre_runs[0].data.tags["cloudseg.pretrain"] == "true"
+    assert pre_runs[0].info.status == "FINISHED"
+    # a second fine-tune (another process: no in-process memo) finds the finished pretraining in MLflow
+    from cloudseg.tracking import runs as runs_module
+
+    runs_module._pretrained.clear()
+    assert train_script.main(["--data", str(tiny_data), *tune, "--set", "seed=3"]) == 0
+    assert f"finished run {pre_runs[0].info.run_id}" in capsys.readouterr().out
+    assert len(client.search_runs([client.get_experiment_by_name("pre").experiment_id])) == 1
+    assert len(_only_run()[1]) == 2
+    # a changed learned setting is another pretraining
+    pre.write_text(pre.read_text().replace("epochs: 1", "epochs: 2"))
+    assert train_script.main(["--data", str(tiny_data), *tune]) == 0
+    assert len(client.search_runs([client.get_experiment_by_name("pre").experiment_id])) == 2
+    assert train_script.main(["--data", str(tiny_data), *TINY, "--set", "init_from=nope.yaml"]) == 2
+    assert "init_from: config nope.yaml does not exist" in capsys.readouterr().err
 
 
 def test_set_errors(env, tiny_data, capsys):

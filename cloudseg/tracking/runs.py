@@ -38,16 +38,70 @@ def state_root() -> Path:
     return Path(os.environ.get("CLOUDSEG_STATE_ROOT", REPO_ROOT / ".cache" / "runs"))
 
 
+# keys that do not change what a run learns: a finished run that differs only in these is the same pretraining
+_NOT_LEARNED = {"experiment", "run_name", "plot_chips", "num_threads", "num_workers", "device"}
+_pretrained: dict[str, str] = {}  # config path and text -> run id, found or trained in this process
+
+
+def config_path(value: str) -> Path | None:
+    """``value`` as a YAML config file: as given, else relative to the repository root; None if not YAML."""
+    if not value.endswith((".yaml", ".yml")):
+        return None
+    for path in (Path(value).expanduser(), REPO_ROOT / value):
+        if path.is_file():
+            return path.resolve()
+    raise FileNotFoundError(f"init_from: config {value} does not exist (nor under {REPO_ROOT})")
+
+
+def pretrained_run(path: Path) -> str:
+    """The run id of a FINISHED run of config ``path`` on its data (same learned settings, same data
+    fingerprint, a checkpoint); trained here first when there is none."""
+    from cloudseg.config import load_config
+
+    key = f"{path}\n{path.read_text()}"  # an edited config is another pretraining
+    if key in _pretrained:
+        return _pretrained[key]
+    cfg = load_config(path)
+    if cfg.cv or cfg.init_from:
+        raise ValueError(f"init_from: {path} must train one model from scratch (cv and init_from unset)")
+    root, split = load_split(cfg)
+    fp = tracking.data_fingerprint(root, "train", split.own_ids)
+    want = {k: str(v) for k, v in cfg.to_dict().items() if k not in _NOT_LEARNED}
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(cfg.experiment)
+    found = None
+    if exp is not None:
+        runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and tags.`cloudseg.kind` = "
+                                  f"'train' and tags.`cloudseg.data_fingerprint` = '{fp}'", max_results=1000)
+        for r in runs:  # newest first
+            if all(r.data.params.get(k) == v for k, v in want.items()) and any(
+                    a.path == "checkpoint/best.pt" for a in client.list_artifacts(r.info.run_id, "checkpoint")):
+                found = r.info.run_id
+                break
+    if found:
+        print(f"init_from {path.name}: finished run {found} (experiment {cfg.experiment})", flush=True)
+    else:
+        print(f"init_from {path.name}: no finished run of it on {root}; training it first", flush=True)
+        found = train_fold(cfg, root, split, tags={"cloudseg.pretrain": "true"}).run_id
+    _pretrained[key] = found
+    return found
+
+
 def resolve_init(value: str) -> Path | None:
-    """The local checkpoint file config key ``init_from`` names: a path as it is, or an MLflow run id whose
-    ``checkpoint/best.pt`` is downloaded once into the state root."""
+    """The local checkpoint file config key ``init_from`` names: a path as it is; an MLflow run id, whose
+    ``checkpoint/best.pt`` is downloaded once into the state root; or a YAML config, whose finished run on its
+    data is that run id (trained first when there is none: a recipe can name its own pretraining)."""
     if not value:
         return None
+    cfg_path = config_path(value)
+    if cfg_path is not None:
+        value = pretrained_run(cfg_path)
     path = Path(value).expanduser()
     if path.is_file():
         return path
     if not re.fullmatch(r"[0-9a-f]{32}", value):
-        raise FileNotFoundError(f"init_from: {value!r} is neither a checkpoint file nor an MLflow run id")
+        raise FileNotFoundError(f"init_from: {value!r} is neither a checkpoint file, an MLflow run id nor a "
+                                "YAML config")
     cached = state_root() / "init" / value / "checkpoint" / "best.pt"
     if cached.is_file():
         return cached
