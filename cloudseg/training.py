@@ -135,6 +135,18 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
 
 
+def augment_rng_holders(transform) -> list:
+    """The albumentations pipeline and each of its transforms, depth first: with ``Compose(seed=)`` every one
+    holds its own ``random_generator`` (numpy) and ``py_random`` (python)."""
+    out, stack = [], [transform]
+    while stack:
+        t = stack.pop(0)
+        if getattr(t, "random_generator", None) is not None and getattr(t, "py_random", None) is not None:
+            out.append(t)
+        stack[:0] = list(getattr(t, "transforms", None) or [])
+    return out
+
+
 def load_init_weights(model: torch.nn.Module, args: dict, path: Path | str) -> None:
     """Load a cloudseg checkpoint's weights into ``model`` (config key init_from); refuse another model."""
     path = Path(path)
@@ -232,6 +244,7 @@ class Trainer:
         self.model = model
         self.loss_fn = build_loss(cfg.loss)
         transform = build_train_transform(cfg.crop_size or None, cfg.aug_strength, seed=cfg.seed)
+        self.transform = transform
         self.train_ds = ChipDataset(self.split, self.train_ids, transform, self.normalization)
         self.val_ds = ChipDataset(self.split, self.val_ids, None, self.normalization)
         n = len(self.train_ds)
@@ -289,7 +302,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": epoch, "best": best, "best_epoch": best_epoch, "history": history, "since_best": since_best,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "sampler": self.generator.get_state()},
+                    "sampler": self.generator.get_state(), "augment": self._augment_rng()},
             "config": self.cfg.to_dict(),
         }
         tmp = self.state_dir / "last.pt.tmp"
@@ -309,7 +322,20 @@ class Trainer:
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
         self.generator.set_state(state["rng"]["sampler"])
+        saved = state["rng"].get("augment")
+        holders = augment_rng_holders(self.transform)
+        if saved and len(saved) == len(holders):
+            for t, (np_state, py_state) in zip(holders, saved):
+                t.random_generator.bit_generator.state = np_state
+                t.py_random.setstate(py_state)
         return state
+
+    def _augment_rng(self) -> list:
+        """The augmentation pipeline's own generators, in pipeline order (albumentations draws from these, not the
+        global seeds). With DataLoader workers each worker holds a copy, so a resume then repeats the
+        augmentations only approximately."""
+        return [(t.random_generator.bit_generator.state, t.py_random.getstate())
+                for t in augment_rng_holders(self.transform)]
 
     # -------------------------------------------------------------- loop
     def fit(self) -> FitResult:

@@ -217,3 +217,35 @@ def test_kill_then_resume_continues_from_checkpoint(env, tiny_data, tmp_path):
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "val_jaccard")] == [1, 2, 3]
     assert run.data.metrics["epochs_run"] == 3
+
+
+def test_resumed_training_repeats_the_uninterrupted_one(tiny_data, tmp_path, monkeypatch):
+    """Stop after epoch 1 (its state on disk), resume in a new Trainer: the weights end bit-identical to a run
+    that was never stopped, so every random stream (sampler, augmentations, dropout) continued where it was."""
+    from cloudseg.data.splits import fold_split
+    from cloudseg.data.validate import validate_split
+    from cloudseg.training import Trainer
+
+    cfg = load_config(None, ["encoder=resnet18", "epochs=3", "batch_size=2", "crop_size=64", "steps_per_epoch=2",
+                             "aug_strength=1", "val_batch_size=2", "n_folds=3", "plot_chips=0", "keep=last",
+                             "tune_threshold=false", "num_threads=1", "precision=fp32"], data=str(tiny_data))
+    split = validate_split(tiny_data, "train", labels=True, load=True)
+    train_ids, val_ids = fold_split(split.metadata.reset_index(), 3, 0, cfg.seed)
+    whole = Trainer(cfg, split, train_ids, val_ids, tmp_path / "whole").fit()
+
+    save = Trainer._save_state
+
+    def stop_after_first(self, epoch, *a, **kw):
+        save(self, epoch, *a, **kw)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save_state", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, split, train_ids, val_ids, tmp_path / "resumed").fit()
+    monkeypatch.setattr(Trainer, "_save_state", save)
+    resumed = Trainer(cfg, split, train_ids, val_ids, tmp_path / "resumed").fit()
+    a = load_checkpoint(whole.checkpoint)["state_dict"]
+    b = load_checkpoint(resumed.checkpoint)["state_dict"]
+    assert [h["train_loss"] for h in whole.history] == [h["train_loss"] for h in resumed.history]
+    assert all(torch.equal(a[k], b[k]) for k in a)
