@@ -371,23 +371,6 @@ def predict_probabilities(members: Sequence[Member], x: torch.Tensor, views: Seq
     return total / float(len(members) * len(views))
 
 
-def warm_up(members: Sequence[Member], device: torch.device, batch_size: int, channels: int,
-            amp: bool = False) -> None:
-    """One forward per model on a zero batch of the run's shape, before the throughput clock starts.
-
-    The first forward of each model pays one-off costs (kernel selection, memory pools; seconds per model for
-    torch 1.8 on CPU) that a 10,980-chip run pays once: timed with the chips, they would make a throughput
-    measured on a few chips project a run many times too long.
-    """
-    t = time.time()
-    try:
-        x = torch.zeros(batch_size, channels, CHIP_SIZE, CHIP_SIZE, device=device)
-        predict_probabilities(members, x, [_flip(())], amp)
-    except Exception as exc:  # the real batches retry chip by chip; a failed warm-up only costs its time
-        log("warm-up failed (%s); continuing" % _reason(exc))
-    log("warm-up seconds=%.1f (one forward per model before timing)" % (time.time() - t))
-
-
 def predict_masks(members: Sequence[Member], x: torch.Tensor, views: Sequence[View], threshold: float,
                   amp: bool = False) -> np.ndarray:
     """Binary masks (1 = cloud where probability >= threshold). Shape: (B, C, H, W) -> (B, H, W) uint8."""
@@ -514,7 +497,6 @@ def run(root: Path, base: Path = HERE) -> int:
         log("no chip folders in %s: nothing to do" % features)
         return 0
 
-    warm_up(members, device, min(batch_size, len(chips)), len(bands), amp)
     t0 = time.time()
     progress = _Progress(len(chips), t0)
     batches = queue.Queue(maxsize=3)  # type: queue.Queue
