@@ -35,7 +35,7 @@ class Config:
     arch: str = "Unet"  # smp architecture (see cloudseg.models.ARCHITECTURES)
     encoder: str = "timm-mobilenetv3_large_100"  # smp encoder; light, and promotable to the runtime's smp 0.2.1
     encoder_weights: str = ""  # "" = random init (no download); "imagenet" for machines with network
-    init_from: str = ""  # start from these weights (fine-tuning): a cloudseg checkpoint file or an MLflow run id
+    init_from: str = ""  # start from these weights: a checkpoint file, an MLflow run id, or a YAML config (its run)
     # --- optimisation
     loss: str = "0.5*bce+0.5*dice"  # loss names with weights, see cloudseg.losses
     epochs: int = 8  # maximum epochs

@@ -54,13 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _has_checkpoint(client, run_id: str) -> bool:
-    return any(a.path == "checkpoint/best.pt" for a in client.list_artifacts(run_id, "checkpoint"))
-
-
 def select_runs(client, args: argparse.Namespace) -> list[tuple[object, str]]:
     """(run, metric) pairs to promote, best first. Raises PromoteError on an empty or invalid selection."""
     from mlflow.exceptions import MlflowException
+
+    from cloudseg.tracking.runs import has_checkpoint
 
     if args.run_ids:
         chosen = []
@@ -102,7 +100,7 @@ def select_runs(client, args: argparse.Namespace) -> list[tuple[object, str]]:
     if not runs:
         raise PromoteError(f"no FINISHED run with metric {metric!r} in {where}; train or sweep first, or pass "
                            "--run-id")
-    usable = [r for r in runs if metric == "cv_jaccard" or _has_checkpoint(client, r.info.run_id)]
+    usable = [r for r in runs if metric == "cv_jaccard" or has_checkpoint(client, r.info.run_id)]
     if not usable:
         raise PromoteError(f"none of the {len(runs)} FINISHED runs in {where} has a checkpoint artifact")
     return [(r, metric) for r in usable[: args.top_k]]
@@ -111,6 +109,7 @@ def select_runs(client, args: argparse.Namespace) -> list[tuple[object, str]]:
 def fetch_members(client, chosen, dst: Path) -> list[Member]:
     """Download each chosen run's checkpoint (a cv run contributes every fold's)."""
     from cloudseg import tracking
+    from cloudseg.tracking.runs import has_checkpoint
 
     members = []
     for run, metric in chosen:
@@ -125,7 +124,7 @@ def fetch_members(client, chosen, dst: Path) -> list[Member]:
         else:
             sources = [run.info.run_id]
         for rid in sources:
-            if not _has_checkpoint(client, rid):
+            if not has_checkpoint(client, rid):
                 raise PromoteError(f"run {rid} has no checkpoint artifact (checkpoint/best.pt)")
             local = tracking.download(rid, "checkpoint/best.pt", dst / rid)
             config = json.loads(Path(tracking.download(rid, "config.json", dst / rid)).read_text())

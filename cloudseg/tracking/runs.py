@@ -38,6 +38,11 @@ def state_root() -> Path:
     return Path(os.environ.get("CLOUDSEG_STATE_ROOT", REPO_ROOT / ".cache" / "runs"))
 
 
+def has_checkpoint(client: MlflowClient, run_id: str) -> bool:
+    """Whether the run logged a model checkpoint (artifact ``checkpoint/best.pt``)."""
+    return any(a.path == "checkpoint/best.pt" for a in client.list_artifacts(run_id, "checkpoint"))
+
+
 # keys that do not change what a run learns: a finished run that differs only in these is the same pretraining
 _NOT_LEARNED = {"experiment", "run_name", "plot_chips", "num_threads", "num_workers", "device"}
 _pretrained: dict[str, str] = {}  # config path and text -> run id, found or trained in this process
@@ -74,8 +79,7 @@ def pretrained_run(path: Path) -> str:
         runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and tags.`cloudseg.kind` = "
                                   f"'train' and tags.`cloudseg.data_fingerprint` = '{fp}'", max_results=1000)
         for r in runs:  # newest first
-            if all(r.data.params.get(k) == v for k, v in want.items()) and any(
-                    a.path == "checkpoint/best.pt" for a in client.list_artifacts(r.info.run_id, "checkpoint")):
+            if all(r.data.params.get(k) == v for k, v in want.items()) and has_checkpoint(client, r.info.run_id):
                 found = r.info.run_id
                 break
     if found:
@@ -110,7 +114,7 @@ def resolve_init(value: str) -> Path | None:
         run = client.get_run(value)
     except MlflowException as exc:
         raise ValueError(f"init_from: no MLflow run {value} in {tracking.tracking_uri()}") from exc
-    if not any(a.path == "checkpoint/best.pt" for a in client.list_artifacts(value, "checkpoint")):
+    if not has_checkpoint(client, value):
         raise ValueError(f"init_from: run {value} ({run.info.run_name}) has no checkpoint/best.pt artifact")
     return tracking.download(value, "checkpoint/best.pt", cached.parent.parent)
 
