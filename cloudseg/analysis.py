@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 
 from cloudseg.data.io import BANDS, features_dir, labels_dir, read_chip, read_label
+from cloudseg.data.sources import SUSPECT_LIST, resolve_data, suspect_list
 from cloudseg.data.splits import read_id_list
 
-SUSPECT_LIST = Path("reference") / "suspect_label_ids.txt"  # beside the splits of the real sample
 FP_CLASSES: tuple[str, ...] = ("bright ground", "water", "haze/other")
 
 
@@ -34,32 +34,8 @@ def show(fig, dpi: int = 90) -> None:
 
 
 def data_root(data: str | Path | None) -> Path:
-    """A data folder from the words the config's ``data`` key takes.
-
-    None or ``"synthetic"``: the synthetic default ``data/synthetic`` (made on first use); ``"real"``: the
-    real sample (``cloudseg.paths.real_data_dir()``); anything else: a folder, relative to the repository root
-    when it does not exist relative to the current directory.
-
-    Raises:
-        FileNotFoundError: the folder (or the real sample) is not there.
-    """
-    from cloudseg import paths
-
-    if data is None or str(data) == "synthetic":
-        from cloudseg.data.synthetic import ensure_synthetic_default
-
-        return ensure_synthetic_default()
-    if str(data) == "real":
-        root = paths.real_data_dir()
-        if not root.is_dir():
-            raise FileNotFoundError(f"real sample not found at {root}; set CLOUDSEG_REAL_DATA")
-        return root
-    path = Path(data).expanduser()
-    if not path.is_absolute() and not path.exists():
-        path = paths.REPO_ROOT / path
-    if not path.is_dir():
-        raise FileNotFoundError(f"data folder {data} does not exist")
-    return path.resolve()
+    """A data folder from the words the config's ``data`` key takes (``cloudseg.data.sources.resolve_data``)."""
+    return resolve_data(data)
 
 
 def sample_ids(ids: Sequence[str], max_chips: int, seed: int = 0) -> list[str]:
@@ -178,7 +154,7 @@ def label_consistency(
 
 def suspect_ids(root: Path | str) -> set[str] | None:
     """Ids of ``<root>/reference/suspect_label_ids.txt`` (the real sample has it), or None where absent."""
-    path = Path(root) / SUSPECT_LIST
+    path = suspect_list(root)
     return read_id_list(path) if path.is_file() else None
 
 

@@ -133,16 +133,15 @@ def probs_from_recipe(cfg, split, threads: int = 2) -> dict[str, np.ndarray]:
     import torch
 
     from cloudseg.config import apply_overrides
-    from cloudseg.data.splits import exclude_from_training, location_folds, read_id_list
+    from cloudseg.data import sources
     from cloudseg.training import Trainer
 
     torch.set_num_threads(threads)
     cfg = apply_overrides(cfg, {"keep": "last", "tune_threshold": False, "plot_chips": 10_000,
                                 "num_threads": threads}, "audit")
     out: dict[str, np.ndarray] = {}
-    for k, (train, val) in enumerate(location_folds(split.metadata.reset_index(), cfg.n_folds, cfg.seed)):
-        if cfg.exclude_ids:
-            train = exclude_from_training(train, read_id_list(cfg.exclude_ids))
+    for k in range(sources.n_folds(cfg, split)):
+        train, val = sources.fold_ids(cfg, split, k)
         with tempfile.TemporaryDirectory() as tmp:
             res = Trainer(cfg, split, train, val, Path(tmp)).fit()
         out.update({c: np.asarray(p, dtype=np.float32) for c, p in res.fixed_eval.probs.items()})

@@ -182,7 +182,9 @@ def audit_labels(
 
         cfg = load_config(config, data=str(Path(data).resolve()))
         p = audit.probs_from_recipe(cfg, split, threads)
-    sus_path = suspects or Path(data) / "reference" / "suspect_label_ids.txt"
+    from cloudseg.data.sources import suspect_list
+
+    sus_path = suspects or suspect_list(data)
     sus = read_id_list(sus_path) if sus_path.is_file() else set()
     locations = dict(zip(split.metadata.index, split.metadata["location"].astype(str)))
     table = audit.disagreement_table(p, split.masks, threshold, locations, sus)

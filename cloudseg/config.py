@@ -1,12 +1,14 @@
 """One typed config: every default in one dataclass, YAML files as partial overrides, ``--set key=value``.
 
-Unknown keys and values of the wrong type are errors raised before anything runs.
+A ``Config`` checks its types and values when it is made (``__post_init__``), so every path that builds one (a
+YAML file, ``--set``, a logged ``config.json``, a sweep's trial) gets the same errors, raised before anything runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,19 @@ class Config:
     plot_chips: int = 6  # validation chips drawn in the predictions figure
     synthetic_n: int = 96  # chips in the synthetic default's training split (made on first use)
 
+    def __post_init__(self) -> None:
+        types = _field_types()
+        for f in fields(self):
+            value = getattr(self, f.name)
+            want = types[f.name]
+            ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+                ok = True
+            if not ok:
+                raise ConfigError(f"'{f.name}' must be {want.__name__}, got {value!r} ({type(value).__name__})")
+        validate_config(self)
+
     # ------------------------------------------------------------------ helpers
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,7 +143,10 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Conf
             f"{source}: unknown config key(s) {unknown}. Valid keys: {', '.join(sorted(types))}"
         )
     changes = {k: _coerce(k, v, types[k], source) for k, v in overrides.items()}
-    return dataclasses.replace(cfg, **changes)
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def parse_set(items: list[str] | None) -> dict[str, str]:
@@ -149,7 +167,10 @@ def load_config(path: Path | str | None = None, sets: list[str] | None = None, *
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
         cfg = apply_overrides(cfg, raw, str(path))
@@ -157,13 +178,29 @@ def load_config(path: Path | str | None = None, sets: list[str] | None = None, *
     extra = {k: v for k, v in extra.items() if v is not None}
     if extra:
         cfg = apply_overrides(cfg, extra, "command line")
-    validate_config(cfg)
+    check_model(cfg)
     return cfg
+
+
+def check_model(cfg: Config) -> None:
+    """The architecture and encoder exist in the installed smp (imports torch and smp, so entry points call this
+    once, not every ``Config``)."""
+    from cloudseg.models import canonical_arch, check_encoder
+
+    try:
+        canonical_arch(cfg.arch)
+        check_encoder(cfg.encoder)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def validate_config(cfg: Config) -> None:
     """Value checks that types alone cannot express."""
+    finite = all(math.isfinite(getattr(cfg, f.name)) for f in fields(cfg) if isinstance(getattr(cfg, f.name), float))
     checks = [
+        (finite, "every float key must be finite: " + ", ".join(
+            f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg)
+            if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)))),
         (cfg.epochs >= 1, f"epochs={cfg.epochs} must be >= 1"),
         (cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be >= 1"),
         (cfg.val_batch_size >= 1, f"val_batch_size={cfg.val_batch_size} must be >= 1"),
@@ -171,6 +208,12 @@ def validate_config(cfg: Config) -> None:
          f"crop_size={cfg.crop_size} must be 0 (full chip) or a multiple of 32 in 32..512"),
         (cfg.lr > 0, f"lr={cfg.lr} must be > 0"),
         (cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} must be >= 0"),
+        (cfg.steps_per_epoch >= 0, f"steps_per_epoch={cfg.steps_per_epoch} must be >= 0 (0 = one pass)"),
+        (cfg.early_stopping >= 0, f"early_stopping={cfg.early_stopping} must be >= 0"),
+        (cfg.num_threads >= 0 and cfg.num_workers >= 0, "num_threads and num_workers must be >= 0"),
+        (cfg.fold >= 0, f"fold={cfg.fold} must be >= 0"),
+        (cfg.synthetic_n >= 1, f"synthetic_n={cfg.synthetic_n} must be >= 1"),
+        (cfg.warmup_epochs >= 0 and cfg.grad_clip >= 0, "warmup_epochs and grad_clip must be >= 0"),
         (cfg.val_every >= 1, f"val_every={cfg.val_every} must be >= 1"),
         (cfg.mix_synthetic >= 0, f"mix_synthetic={cfg.mix_synthetic} must be >= 0"),
         (0 < cfg.threshold < 1, f"threshold={cfg.threshold} must be in (0, 1)"),

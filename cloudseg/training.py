@@ -151,8 +151,7 @@ def load_init_weights(model: torch.nn.Module, args: dict, path: Path | str) -> N
     """Load a cloudseg checkpoint's weights into ``model`` (config key init_from); refuse another model."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"init_from: {path} is not a checkpoint file (an MLflow run id is resolved by "
-                                "experiments/train.py and sweep.py)")
+        raise FileNotFoundError(f"init_from: {path} is not a checkpoint file")
     ckpt = load_checkpoint(path)
     theirs = {k: ckpt["model"].get(k) for k in ("arch", "encoder_name", "in_channels", "classes")}
     mine = {k: args.get(k) for k in theirs}
@@ -218,8 +217,8 @@ class Trainer:
         init_weights: Path | str | None = None,
     ):
         self.cfg, self.split = cfg, split
-        # the checkpoint cfg.init_from names, as a local file (callers resolve MLflow run ids to one)
-        self.init_weights = init_weights if init_weights is not None else (cfg.init_from or None)
+        # starting weights: a cloudseg checkpoint file (entry points resolve config key init_from to one)
+        self.init_weights = Path(init_weights) if init_weights is not None else None
         self.train_ids, self.val_ids = list(train_ids), list(val_ids)
         self.state_dir = Path(state_dir)
         self.callbacks = list(callbacks or [])

@@ -106,17 +106,17 @@ def recipes_tried(experiments=DEV_EXPERIMENTS) -> int:
 
 def train_model(cfg: Config, split, train_ids: list[str], val_ids: list[str], kind: str, tags: dict,
                 parent: str, init_weights: Path | None = None):
-    """Train one model with ``Trainer`` as an MLflow child run; returns (run_id, FitResult).
-    ``init_weights`` (a checkpoint file) stands for ``cfg.init_from`` when given."""
+    """Train one model with ``Trainer`` as an MLflow child run, from ``init_weights`` (a checkpoint file) when
+    given; returns (run_id, FitResult)."""
     from cloudseg import tracking
-    from cloudseg.tracking.runs import resolve_init, start_run, state_root
+    from cloudseg.tracking.runs import start_run, state_root
     from cloudseg.training import Trainer
 
     run_id = start_run(cfg, kind, {**tags, "cloudseg.bench_parent": parent}, parent)
     print(f"[{kind}] run {run_id}: {len(train_ids)} training / {len(val_ids)} validation chips", flush=True)
     with tracking.run_status(run_id):
         trainer = Trainer(cfg, split, train_ids, val_ids, state_root() / run_id, [tracking.EpochLogger(run_id)],
-                          init_weights=init_weights or resolve_init(cfg.init_from))
+                          init_weights=init_weights)
         result = trainer.fit()
         from mlflow.tracking import MlflowClient
 
@@ -175,7 +175,8 @@ def main(argv=None) -> int:
     from cloudseg.data.splits import location_folds, read_id_list
     from cloudseg.data.validate import validate_split
     from cloudseg.paths import real_data_dir
-    from cloudseg.tracking.runs import config_path, resolve_data, start_run
+    from cloudseg.data.sources import resolve_data, suspect_list
+    from cloudseg.tracking.runs import config_path, resolve_init, start_run
     from cloudseg.training import predict_probs
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
     real = validate_split(root, "train", labels=True, load=True)
     meta = real.metadata.reset_index()
     locations = dict(zip(meta["chip_id"], meta["location"].astype(str)))
-    sus_path = root / "reference" / "suspect_label_ids.txt"
+    sus_path = suspect_list(root)
     suspects = read_id_list(sus_path) if sus_path.is_file() else set()
     clean = [c for c in real.ids if c not in suspects]
     n_folds = args.folds if args.folds is not None else (3 if args.quick else 0)
@@ -223,7 +224,8 @@ def main(argv=None) -> int:
         # the recipe's own pretraining when its init_from names a config (trained here, so the benchmark's time
         # includes it; the folds start from it), else the recipe's settings on the synthetic default
         pre_path = config_path(cfg.init_from) if cfg.init_from else None
-        syn_ckpt = None
+        # a run id or checkpoint file, resolved once; a config's pretraining is trained below
+        syn_ckpt = resolve_init(cfg.init_from) if cfg.init_from and pre_path is None else None
         if "synthetic" not in skip:
             from cloudseg.data.splits import fold_split
 
@@ -243,7 +245,7 @@ def main(argv=None) -> int:
             rid, res = train_model(scfg, syn, s_train, s_val, "bench-synthetic", {"cloudseg.data": str(syn_root)},
                                    parent)
             run_ids["synthetic_only"] = [rid]
-            syn_ckpt = res.checkpoint if pre_path is not None else None
+            syn_ckpt = res.checkpoint if pre_path is not None else syn_ckpt
             probs = predict_probs(res.checkpoint, ChipDataset(real), batch_size=cfg.val_batch_size)
             sc = Counts("synthetic_only")
             for c, p in probs.items():  # threshold tuned on synthetic validation chips, never on real labels

@@ -70,7 +70,8 @@ def run_arm(spec: dict) -> dict:
 
     from cloudseg import tracking
     from cloudseg.config import load_config
-    from cloudseg.tracking.runs import load_split, start_run
+    from cloudseg.data.sources import load_split
+    from cloudseg.tracking.runs import start_run
     from cloudseg.tracking.study import load_space, make_storage, open_study, space_beside, trial_objective
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

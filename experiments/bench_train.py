@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data")
     args = p.parse_args(argv)
 
-    from cloudseg.tracking.runs import fold_ids, load_split
+    from cloudseg.data.sources import fold_ids, load_split
     from cloudseg.training import Trainer, autocast
 
     cfg = load_config(args.config, args.sets, data=args.data)

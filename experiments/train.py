@@ -2,18 +2,20 @@
 
     python experiments/train.py --config experiments/configs/default.yaml [--set key=value]... [--data DIR]
     python experiments/train.py --resume RUN_ID
+
+One run, one path: the config (loaded, or the interrupted run's own), the starting weights (``init_from``,
+resolved before any run opens; a pretraining named by a YAML config is trained first, as its own run), the data
+(``cloudseg.data.sources``), then ``cloudseg.tracking.runs.train_fold`` / ``cross_validate``, which open the run,
+train, log and end it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from cloudseg.config import Config, ConfigError, apply_overrides, load_config, validate_config  # noqa: E402
+from cloudseg.config import ConfigError, load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,45 +35,32 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from mlflow.tracking import MlflowClient
-
     from cloudseg import tracking
-    from cloudseg.tracking.runs import cross_validate, load_split, resolve_init, train_fold
+    from cloudseg.data import sources
+    from cloudseg.data.validate import DatasetError
+    from cloudseg.tracking import runs
 
     tracking.echo_stores()
-    if args.resume:
-        tracking.setup(cfg.experiment)
-        client = MlflowClient()
-        try:
-            run = client.get_run(args.resume)
-        except Exception as exc:
-            print(f"--resume {args.resume}: no such run in {tracking.tracking_uri()} ({exc})", file=sys.stderr)
-            return 2
-        if run.info.status == "FINISHED":
-            print(f"--resume {args.resume}: run already FINISHED; nothing to resume", file=sys.stderr)
-            return 2
-        with tracking.scratch_dir() as tmp:
-            logged = json.loads(Path(tracking.download(args.resume, "config.json", tmp)).read_text())
-        cfg = apply_overrides(Config(), logged, f"config.json of run {args.resume}")
-        validate_config(cfg)
-        exp_name = client.get_experiment(run.info.experiment_id).name
-        cfg = apply_overrides(cfg, {"experiment": exp_name}, "resume")
-        tracking.close_stale_runs([run.info.experiment_id])
-        root, split = load_split(cfg)
-        if run.data.tags.get("cloudseg.kind") == "cv":
-            out = cross_validate(cfg, root, split, resume_run_id=args.resume)
-        else:
-            out = train_fold(cfg, root, split, run.data.tags.get("cloudseg.kind", "train"), resume_run_id=args.resume)
-    else:
+    kind = "cv" if cfg.cv else "train"
+    try:
+        if args.resume:
+            tracking.connect()
+            cfg, kind = runs.resumable(args.resume)
         exp_id = tracking.setup(cfg.experiment)
-        try:
-            resolve_init(cfg.init_from)  # a bad init_from fails here, before any run starts
-        except (FileNotFoundError, ValueError) as exc:
-            print(f"config error: {exc}", file=sys.stderr)
-            return 2
+        if not args.resume:
+            runs.ensure_pretraining(cfg.init_from)
+        init_weights = runs.resolve_init(cfg.init_from)
         tracking.close_stale_runs([exp_id])
-        root, split = load_split(cfg)
-        out = cross_validate(cfg, root, split) if cfg.cv else train_fold(cfg, root, split)
+        root, split = sources.load_split(cfg)
+        sources.fold_ids(cfg, split)  # a fold that cannot be made fails here, before any run opens
+    except (ConfigError, runs.RunError, DatasetError, FileNotFoundError, ValueError) as exc:
+        what = f"--resume {args.resume}" if args.resume else "error"
+        print(f"{what}: {exc}", file=sys.stderr)
+        return 2
+    if kind == "cv":
+        out = runs.cross_validate(cfg, root, split, resume_run_id=args.resume, init_weights=init_weights)
+    else:
+        out = runs.train_fold(cfg, root, split, kind, resume_run_id=args.resume, init_weights=init_weights)
     print(f"run_id={out.run_id}")
     for k, v in out.metrics.items():
         print(f"{k}={v:.6f}" if isinstance(v, float) else f"{k}={v}")

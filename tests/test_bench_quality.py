@@ -142,7 +142,7 @@ def test_mixed_chips_train_in_every_fold_and_never_validate(tiny_data, tmp_path,
     from cloudseg.config import Config, apply_overrides
     from cloudseg.data.splits import location_folds
     from cloudseg.data.synthetic import MARKER
-    from cloudseg.tracking.runs import fold_ids, load_split, own_metadata
+    from cloudseg.data.sources import fold_ids, load_split, own_metadata
 
     syn = make_dataset(tmp_path / "syn", n_chips=4, locations=("SynA", "SynB"), seed=5)
     (syn / MARKER).touch()  # a finished synthetic default, as far as resolve_data("synthetic") is concerned

@@ -21,6 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from cloudseg import tracking
 from cloudseg.config import Config
 from cloudseg.paths import REPO_ROOT
 from cloudseg.tracking.study import GRACE_S, counted, load_space, make_storage, open_study
@@ -107,7 +108,7 @@ def test_worker_start_up_refuses_bad_stores(postgres, mlflow_server, space, tiny
     shared = optuna.load_study(study_name="shared", storage=postgres.url("optuna"))
     assert shared.trials == [] and shared.user_attrs["space"] == load_space(space)  # the refused worker left it be
     # a shared study whose runs would land in this host's own MLflow store: a warning, not an error
-    _sweep_module().check_tracking(postgres.url("optuna"))
+    tracking.check_store(postgres.url("optuna"))
     assert "set MLFLOW_TRACKING_URI to the shared tracking server" in capsys.readouterr().err
     out, _ = tracking_cmd.communicate(timeout=120)  # MLflow's own retries would take about 4 minutes
     assert tracking_cmd.returncode == 1, out[-3000:]

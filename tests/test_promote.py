@@ -21,8 +21,7 @@ from cloudseg.models import model_args
 from cloudseg.paths import REPO_ROOT
 from cloudseg.tracking.runs import start_run
 
-sys.path.insert(0, str(REPO_ROOT / "experiments"))
-import promote  # noqa: E402
+from cloudseg.tracking import promote
 
 
 def fake_run(tmp: Path, value: float | None, *, kind="train", status="FINISHED", arch="Unet", encoder="resnet18",

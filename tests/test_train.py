@@ -140,10 +140,7 @@ def test_init_from_a_config_trains_it_once(env, tiny_data, tmp_path, capsys):
     pre_runs = client.search_runs([client.get_experiment_by_name("pre").experiment_id])
     assert len(pre_runs) == 1 and pre_runs[0].data.tags["cloudseg.pretrain"] == "true"
     assert pre_runs[0].info.status == "FINISHED"
-    # a second fine-tune (another process: no in-process memo) finds the finished pretraining in MLflow
-    from cloudseg.tracking import runs as runs_module
-
-    runs_module._pretrained.clear()
+    # a second fine-tune finds the finished pretraining in MLflow (nothing is memoised in the process)
     assert train_script.main(["--data", str(tiny_data), *tune, "--set", "seed=3"]) == 0
     assert f"finished run {pre_runs[0].info.run_id}" in capsys.readouterr().out
     assert len(client.search_runs([client.get_experiment_by_name("pre").experiment_id])) == 1

@@ -25,6 +25,8 @@ from mlflow.tracking import MlflowClient
 import cloudseg
 from cloudseg.paths import MLARTIFACTS, REPO_ROOT, tracking_uri
 
+# MLflow 3's UI opens an experiment in its GenAI view (traces) unless it is tagged as model training
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 STALE_AFTER_S = float(os.environ.get("CLOUDSEG_STALE_AFTER_S", 6 * 3600))  # heartbeat age that marks a remote run dead
 
 
@@ -52,23 +54,32 @@ def artifacts_root() -> Path:
     return Path(os.environ.get("CLOUDSEG_MLARTIFACTS", MLARTIFACTS))
 
 
+def connect() -> str:
+    """Point MLflow at the configured store (``cloudseg.paths.tracking_uri``); returns its URI."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 def setup(experiment: str) -> str:
     """Point MLflow at the configured store and return the experiment id (created on first use).
 
     With a local store, artifacts go to ``mlartifacts/<experiment>`` under the repository root (never to the
     current directory); a tracking server decides its own artifact root.
     """
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    uri = connect()
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if not uri.startswith(("http://", "https://", "databricks")):
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
         location = (artifacts_root() / safe).resolve().as_uri()
     try:
-        return mlflow.create_experiment(experiment, artifact_location=location)
+        return mlflow.create_experiment(experiment, artifact_location=location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # another worker created it in between
         exp = mlflow.get_experiment_by_name(experiment)
         if exp is None:
@@ -237,6 +248,31 @@ def download(run_id: str, artifact_path: str, dst: Path | str) -> Path:
 
 def scratch_dir() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="cloudseg-")
+
+
+def check_store(storage_url: str | None = None) -> None:
+    """Fail early and clearly when the MLflow tracking store cannot be reached (SystemExit naming it); warn when a
+    study shared through ``storage_url`` would log to this machine's own MLflow store."""
+    uri = tracking_uri()
+    # MLflow retries an unreachable server for minutes by default; at start-up one quick retry says enough
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as exc:
+        hint = "\n  is `mlflow server` running there and reachable from this host?" if uri.startswith("http") else ""
+        raise SystemExit(f"error: cannot reach the MLflow tracking store {uri!r}: {type(exc).__name__}: "
+                         f"{str(exc)[:600]}{hint}")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if storage_url and not storage_url.startswith("sqlite") and uri.startswith(("sqlite", "file", "/")):
+        print(f"warning: the study is shared through {storage_url.split('@')[-1]} but MLflow logs to this machine's "
+              f"{uri}; set MLFLOW_TRACKING_URI to the shared tracking server", file=sys.stderr, flush=True)
 
 
 def echo_stores() -> None:

@@ -1,6 +1,10 @@
-"""A training run (or a cross-validation of folds) as MLflow runs: params, tags, per-epoch metrics, artifacts.
+"""A run's lifecycle in MLflow, in one place: find a run's config and weights, resolve ``init_from``, start a run,
+train it (one fold, or every fold under a cv parent), log what it produced, end it.
 
-Used by ``experiments/train.py`` and by every trial of ``experiments/sweep.py``.
+Entry points (``experiments/train.py``, ``sweep.py``, ``promote.py``) call these in this order: ``config_of`` /
+``resumable`` or a loaded config; ``ensure_pretraining`` + ``resolve_init`` (before any run of theirs opens);
+``train_fold`` or ``cross_validate``, which open the run, train, log and end it FINISHED, FAILED or KILLED.
+Where the data come from is ``cloudseg.data.sources``'s business, not this module's.
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cloudseg import tracking
-from cloudseg.config import Config, apply_overrides
-from cloudseg.data.splits import exclude_from_training, fold_split, location_folds, read_id_list
-from cloudseg.data.validate import ValidatedSplit, validate_split
+from cloudseg.config import Config, ConfigError, apply_overrides, load_config
+from cloudseg.data import sources
+from cloudseg.data.validate import ValidatedSplit
 from cloudseg.metrics import JaccardAccumulator
-from cloudseg.paths import REPO_ROOT, real_data_dir
+from cloudseg.paths import REPO_ROOT
 from cloudseg.training import FitResult, Trainer
+
+
+class RunError(ValueError):
+    """A run id, a resume or an ``init_from`` value that cannot be used; the message says which and why."""
 
 
 @dataclass
@@ -43,9 +51,47 @@ def has_checkpoint(client: MlflowClient, run_id: str) -> bool:
     return any(a.path == "checkpoint/best.pt" for a in client.list_artifacts(run_id, "checkpoint"))
 
 
+# ---------------------------------------------------------------------- a run's config and weights
+def get_run(run_id: str):
+    """The MLflow run, or a RunError naming the id and the store."""
+    try:
+        return MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        raise RunError(f"no MLflow run {run_id} in {tracking.tracking_uri()}") from exc
+
+
+def config_of(run_id: str) -> Config:
+    """The config a run was trained with: its ``config.json`` artifact over the defaults (keys added since then
+    keep their defaults), with ``experiment`` set to the experiment the run is in."""
+    run = get_run(run_id)
+    with tracking.scratch_dir() as tmp:
+        logged = json.loads(Path(tracking.download(run_id, "config.json", tmp)).read_text())
+    exp_name = MlflowClient().get_experiment(run.info.experiment_id).name
+    try:
+        return apply_overrides(Config(), {**logged, "experiment": exp_name}, f"config.json of run {run_id}")
+    except ConfigError as exc:
+        raise RunError(str(exc)) from exc
+
+
+def checkpoint_of(run_id: str, dst: Path | str) -> Path:
+    """Download a run's ``checkpoint/best.pt`` under ``dst``; RunError when it has none."""
+    run = get_run(run_id)
+    if not has_checkpoint(MlflowClient(), run_id):
+        raise RunError(f"run {run_id} ({run.info.run_name}) has no checkpoint artifact (checkpoint/best.pt)")
+    return tracking.download(run_id, "checkpoint/best.pt", dst)
+
+
+def resumable(run_id: str) -> tuple[Config, str]:
+    """(config, kind) of an interrupted run that ``--resume`` may continue; RunError for a FINISHED run."""
+    run = get_run(run_id)
+    if run.info.status == "FINISHED":
+        raise RunError(f"run {run_id} is already FINISHED; nothing to resume")
+    return config_of(run_id), run.data.tags.get("cloudseg.kind", "train")
+
+
+# ---------------------------------------------------------------------- init_from
 # keys that do not change what a run learns: a finished run that differs only in these is the same pretraining
 _NOT_LEARNED = {"experiment", "run_name", "plot_chips", "num_threads", "num_workers", "device"}
-_pretrained: dict[str, str] = {}  # config path and text -> run id, found or trained in this process
 
 
 def config_path(value: str) -> Path | None:
@@ -55,128 +101,78 @@ def config_path(value: str) -> Path | None:
     for path in (Path(value).expanduser(), REPO_ROOT / value):
         if path.is_file():
             return path.resolve()
-    raise FileNotFoundError(f"init_from: config {value} does not exist (nor under {REPO_ROOT})")
+    raise RunError(f"init_from: config {value} does not exist (nor under {REPO_ROOT})")
 
 
-def pretrained_run(path: Path) -> str:
-    """The run id of a FINISHED run of config ``path`` on its data (same learned settings, same data
-    fingerprint, a checkpoint); trained here first when there is none."""
-    from cloudseg.config import load_config
-
-    key = f"{path}\n{path.read_text()}"  # an edited config is another pretraining
-    if key in _pretrained:
-        return _pretrained[key]
+def pretraining_config(value: str) -> Config | None:
+    """The config ``init_from`` names when it names a YAML file (its pretraining), else None."""
+    path = config_path(value) if value else None
+    if path is None:
+        return None
     cfg = load_config(path)
     if cfg.cv or cfg.init_from:
-        raise ValueError(f"init_from: {path} must train one model from scratch (cv and init_from unset)")
-    root, split = load_split(cfg)
-    fp = tracking.data_fingerprint(root, "train", split.own_ids)
+        raise RunError(f"init_from: {path} must train one model from scratch (cv and init_from unset)")
+    return cfg
+
+
+def find_pretrained(cfg: Config) -> str | None:
+    """The newest FINISHED train run of ``cfg`` on its data (same learned settings, same data fingerprint) that
+    has a checkpoint, or None."""
+    root = sources.resolve_data(cfg.data, cfg.synthetic_n)
+    from cloudseg.data.validate import validate_split
+
+    fp = tracking.data_fingerprint(root, "train", validate_split(root, "train", labels=True).ids)
     want = {k: str(v) for k, v in cfg.to_dict().items() if k not in _NOT_LEARNED}
     client = MlflowClient()
     exp = client.get_experiment_by_name(cfg.experiment)
-    found = None
-    if exp is not None:
-        runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and tags.`cloudseg.kind` = "
-                                  f"'train' and tags.`cloudseg.data_fingerprint` = '{fp}'", max_results=1000)
-        for r in runs:  # newest first
-            if all(r.data.params.get(k) == v for k, v in want.items()) and has_checkpoint(client, r.info.run_id):
-                found = r.info.run_id
-                break
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and tags.`cloudseg.kind` = "
+                              f"'train' and tags.`cloudseg.data_fingerprint` = '{fp}'", max_results=1000)
+    for r in runs:  # newest first
+        if all(r.data.params.get(k) == v for k, v in want.items()) and has_checkpoint(client, r.info.run_id):
+            return r.info.run_id
+    return None
+
+
+def ensure_pretraining(value: str) -> None:
+    """When ``init_from`` names a YAML config that has no finished run on its data yet, train it now, as a run of
+    its own (tag ``cloudseg.pretrain``). Entry points call this before any run of theirs opens."""
+    cfg = pretraining_config(value)
+    if cfg is None:
+        return
+    found = find_pretrained(cfg)
     if found:
-        print(f"init_from {path.name}: finished run {found} (experiment {cfg.experiment})", flush=True)
-    else:
-        print(f"init_from {path.name}: no finished run of it on {root}; training it first", flush=True)
-        found = train_fold(cfg, root, split, tags={"cloudseg.pretrain": "true"}).run_id
-    _pretrained[key] = found
-    return found
+        print(f"init_from {value}: finished run {found} (experiment {cfg.experiment})", flush=True)
+        return
+    print(f"init_from {value}: no finished run of it on its data; training it first", flush=True)
+    tracking.setup(cfg.experiment)
+    root, split = sources.load_split(cfg)
+    train_fold(cfg, root, split, tags={"cloudseg.pretrain": "true"})
 
 
 def resolve_init(value: str) -> Path | None:
-    """The local checkpoint file config key ``init_from`` names: a path as it is; an MLflow run id, whose
-    ``checkpoint/best.pt`` is downloaded once into the state root; or a YAML config, whose finished run on its
-    data is that run id (trained first when there is none: a recipe can name its own pretraining)."""
+    """The local checkpoint file ``init_from`` names: a path as it is; an MLflow run id, whose
+    ``checkpoint/best.pt`` is downloaded once into the state root; a YAML config, its finished run's checkpoint
+    (``ensure_pretraining`` trains it first where there is none). Never starts a run."""
     if not value:
         return None
-    cfg_path = config_path(value)
-    if cfg_path is not None:
-        value = pretrained_run(cfg_path)
+    pre = pretraining_config(value)
+    if pre is not None:
+        found = find_pretrained(pre)
+        if found is None:
+            raise RunError(f"init_from: {value} has no finished run on its data; train it first "
+                           f"(experiments/train.py --config {value})")
+        value = found
     path = Path(value).expanduser()
     if path.is_file():
         return path
     if not re.fullmatch(r"[0-9a-f]{32}", value):
-        raise FileNotFoundError(f"init_from: {value!r} is neither a checkpoint file, an MLflow run id nor a "
-                                "YAML config")
+        raise RunError(f"init_from: {value!r} is neither a checkpoint file, an MLflow run id nor a YAML config")
     cached = state_root() / "init" / value / "checkpoint" / "best.pt"
     if cached.is_file():
         return cached
-    client = MlflowClient()
-    try:
-        run = client.get_run(value)
-    except MlflowException as exc:
-        raise ValueError(f"init_from: no MLflow run {value} in {tracking.tracking_uri()}") from exc
-    if not has_checkpoint(client, value):
-        raise ValueError(f"init_from: run {value} ({run.info.run_name}) has no checkpoint/best.pt artifact")
-    return tracking.download(value, "checkpoint/best.pt", cached.parent.parent)
-
-
-def resolve_data(data: str, synthetic_n: int | None = None) -> Path:
-    """``synthetic`` -> data/synthetic (generated on first use); ``real`` -> the real sample; else a folder."""
-    if data == "synthetic":
-        from cloudseg.data.synthetic import ensure_synthetic_default
-
-        return ensure_synthetic_default() if synthetic_n is None else ensure_synthetic_default(n=synthetic_n)
-    if data == "real":
-        root = real_data_dir()
-        if not (root / "train_metadata.csv").is_file():
-            raise FileNotFoundError(f"real sample not found at {root}; set CLOUDSEG_REAL_DATA")
-        return root
-    path = Path(data).expanduser()
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
-    if not path.is_dir():
-        raise FileNotFoundError(f"data folder {data} does not exist")
-    return path.resolve()
-
-
-def suspect_ids(cfg: Config, root: Path) -> set[str]:
-    if cfg.suspect_ids == "":
-        return set()
-    if cfg.suspect_ids == "auto":
-        path = root / "reference" / "suspect_label_ids.txt"
-        return read_id_list(path) if path.is_file() else set()
-    return read_id_list(cfg.suspect_ids)
-
-
-def load_split(cfg: Config) -> tuple[Path, ValidatedSplit]:
-    """The config's training split, validated and decoded, with ``mix_synthetic`` synthetic chips merged in."""
-    root = resolve_data(cfg.data, cfg.synthetic_n)
-    print(f"data: {root}", flush=True)
-    split = validate_split(root, "train", labels=True, load=True)
-    if cfg.mix_synthetic:
-        from cloudseg.data.mixing import merge_splits
-
-        syn_root = resolve_data("synthetic", cfg.synthetic_n)
-        if syn_root == root:
-            raise ValueError(f"mix_synthetic={cfg.mix_synthetic}: the data already is the synthetic default; "
-                             "mixing is for real data")
-        syn = validate_split(syn_root, "train", labels=True, load=True)
-        if cfg.mix_synthetic > len(syn.ids):
-            raise ValueError(f"mix_synthetic={cfg.mix_synthetic} but {syn_root} has {len(syn.ids)} chips")
-        split, mixed = merge_splits(split, syn, cfg.mix_synthetic, prefix="syn_", seed=cfg.seed)
-        print(f"mixing {len(mixed)} synthetic chips from {syn_root} into every fold's training", flush=True)
-    return root, split
-
-
-def own_metadata(split: ValidatedSplit) -> pd.DataFrame:
-    """The split's own chips' metadata (folds are made over these; merged-in chips only ever train)."""
-    return split.metadata.drop(index=split.mixed_ids).reset_index()
-
-
-def fold_ids(cfg: Config, split: ValidatedSplit, fold: int) -> tuple[list[str], list[str]]:
-    train, val = fold_split(own_metadata(split), cfg.n_folds, fold, cfg.seed)
-    if cfg.exclude_ids:
-        train = exclude_from_training(train, read_id_list(cfg.exclude_ids))
-    return train + list(split.mixed_ids), val
+    return checkpoint_of(value, cached.parent.parent)
 
 
 def _log_fit(run_id: str, cfg: Config, split: ValidatedSplit, result: FitResult) -> dict:
@@ -231,10 +227,11 @@ def start_run(cfg: Config, kind: str, tags: dict | None = None, parent_run_id: s
 def train_fold(cfg: Config, root: Path, split: ValidatedSplit, kind: str = "train", tags: dict | None = None,
                parent_run_id: str | None = None, callbacks: list | None = None,
                resume_run_id: str | None = None, killed: tuple[type[BaseException], ...] = (),
-               on_start=None) -> RunOutcome:
-    """Train ``cfg.fold`` as one MLflow run. ``resume_run_id`` continues that run from its last state."""
+               on_start=None, init_weights: Path | None = None) -> RunOutcome:
+    """Train ``cfg.fold`` as one MLflow run, from ``init_weights`` (a checkpoint file) when given.
+    ``resume_run_id`` continues that run from its last state."""
     client = MlflowClient()
-    train_ids, val_ids = fold_ids(cfg, split, cfg.fold)
+    train_ids, val_ids = sources.fold_ids(cfg, split)
     if resume_run_id:
         run_id = resume_run_id
         client.update_run(run_id, status="RUNNING")
@@ -253,20 +250,21 @@ def train_fold(cfg: Config, root: Path, split: ValidatedSplit, kind: str = "trai
         on_start(run_id)
     with tracking.run_status(run_id, killed):
         trainer = Trainer(cfg, split, train_ids, val_ids, state_root() / run_id,
-                          [tracking.EpochLogger(run_id), *(callbacks or [])], init_weights=resolve_init(cfg.init_from))
+                          [tracking.EpochLogger(run_id), *(callbacks or [])], init_weights=init_weights)
         result = trainer.fit()
         metrics = _log_fit(run_id, cfg, split, result)
     return RunOutcome(run_id, result, metrics)
 
 
-def cross_validate(cfg: Config, root: Path, split: ValidatedSplit, resume_run_id: str | None = None) -> RunOutcome:
+def cross_validate(cfg: Config, root: Path, split: ValidatedSplit, resume_run_id: str | None = None,
+                   init_weights: Path | None = None) -> RunOutcome:
     """Train every fold as a child of one ``cv`` parent run; log pooled out-of-fold ``cv_jaccard``.
 
     The pooled figure uses each fold's kept model at the configured threshold: with ``keep=last`` and
     ``tune_threshold=false`` nothing in it was chosen with the held-out labels.
     """
     client = MlflowClient()
-    n = len(location_folds(own_metadata(split), cfg.n_folds, cfg.seed))
+    n = sources.n_folds(cfg, split)
     done: dict[int, str] = {}
     if resume_run_id:
         parent = resume_run_id
@@ -289,7 +287,8 @@ def cross_validate(cfg: Config, root: Path, split: ValidatedSplit, resume_run_id
                     per = pd.read_csv(tracking.download(run_id, "per_chip_jaccard.csv", tmp), dtype={"chip_id": str})
             else:
                 fold_cfg = apply_overrides(cfg, {"fold": fold, "cv": False}, "cv")
-                out = train_fold(fold_cfg, root, split, "train", {"cloudseg.cv_parent": parent}, parent)
+                out = train_fold(fold_cfg, root, split, "train", {"cloudseg.cv_parent": parent}, parent,
+                                 init_weights=init_weights)
                 fixed = out.result.fixed_eval.per_chip.per_chip()
                 per = fixed.rename(columns={"intersection": "intersection_fixed", "union": "union_fixed"})
             per["fold"] = fold
@@ -298,14 +297,14 @@ def cross_validate(cfg: Config, root: Path, split: ValidatedSplit, resume_run_id
         acc = JaccardAccumulator()
         for r in oof.itertuples():
             acc.add_counts(r.chip_id, r.intersection_fixed, r.union_fixed)
-        suspects = suspect_ids(cfg, root)
+        suspects = sources.suspect_ids(cfg, root)
         clean = set(oof["chip_id"]) - suspects
         metrics = {"cv_jaccard": acc.score(), "cv_jaccard_clean": acc.score(clean) if clean else float("nan"),
                    "cv_folds": n, "wall_s": time.time() - t0, "cv_clean_chips": len(clean)}
         for k, v in metrics.items():
             client.log_metric(parent, k, float(v))
         with tracking.scratch_dir() as tmp:
-            loc = acc.by_location(own_metadata(split))
+            loc = acc.by_location(sources.own_metadata(split))
             loc.to_csv(Path(tmp) / "cv_by_location.csv", index=False)
             oof.to_csv(Path(tmp) / "cv_per_chip.csv", index=False)
             client.log_artifact(parent, str(Path(tmp) / "cv_by_location.csv"))

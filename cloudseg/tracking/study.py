@@ -1,11 +1,18 @@
-"""Optuna studies: search spaces from YAML, storages, pruners, trial accounting and the study's figures."""
+"""Optuna studies: search spaces from YAML, storages, pruners, trial accounting, a sweep worker's loop, and the
+study's figures. A sweep trial is ``trial_objective``: one nested MLflow training run (``runs.train_fold``)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import random
 import re
+import socket
+import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +36,12 @@ class StudyError(ValueError):
     """The study cannot be opened as asked (bad URL, unreachable database, different search space)."""
 
 
+CLAIMED = "cloudseg:claimed"  # system attribute of a waiting trial a worker has reserved (claim_trial)
+
+
 class SurplusTrial(RuntimeError):
-    """Another worker already started the last trial the study needs."""
+    """Another worker already started the last trial the study needs (only where the storage has no lock to
+    claim trials with; see ``claim_trial``)."""
 
 
 def load_space(path: Path | str) -> dict[str, dict]:
@@ -139,11 +150,22 @@ def make_storage(url: str) -> RDBStorage:
                              f"{_storage_problem(exc, url)}") from exc
 
 
-def open_study(name: str, storage: RDBStorage, space: dict, cfg: Config, seed: int) -> optuna.Study:
-    """Create or resume ``name``; refuse when the stored search space differs from ``space``."""
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
-                                pruner=make_pruner(cfg), load_if_exists=True)
+def sampler_seed(cfg: Config, worker_index: int, trials_before: int) -> int:
+    """The TPE sampler's seed: the config's seed and the worker's index (so one worker on a fresh study always
+    proposes the same trials), this host's name (workers 0 of two hosts differ) and the study's trials so far (a
+    worker restarted on a study in progress does not replay the first draws)."""
+    return zlib.crc32(f"{cfg.seed}:{worker_index}:{socket.gethostname()}:{trials_before}".encode())
+
+
+def open_study(name: str, storage: RDBStorage, space: dict, cfg: Config, worker_index: int = 0,
+               seed: int | None = None) -> optuna.Study:
+    """Create or resume ``name``; refuse when the stored search space differs from ``space``. The sampler is
+    seeded by ``sampler_seed`` unless ``seed`` is given."""
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", pruner=make_pruner(cfg),
+                                load_if_exists=True)
+    if seed is None:
+        seed = sampler_seed(cfg, worker_index, len(study.get_trials(deepcopy=False)))
+    study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
     stored = study.user_attrs.get("space")
     mine = json.loads(json.dumps(space))
     if stored is None:
@@ -167,6 +189,66 @@ def counted(study: optuna.Study) -> int:
         elif t.state == TrialState.FAIL and "error" in t.user_attrs:
             n += 1
     return n
+
+
+def in_flight(study: optuna.Study) -> int:
+    """Counted trials plus the running and waiting ones: what the study has or will have."""
+    return in_flight_before(study, sys.maxsize)
+
+
+@contextlib.contextmanager
+def _slot_lock(storage_url: str):
+    """A lock shared by every worker of the storage: PostgreSQL's advisory lock (any host), a file lock beside a
+    sqlite file (this host); elsewhere none (yields False)."""
+    if storage_url.startswith("sqlite:///") and storage_url != "sqlite:///:memory:":
+        with open(storage_url[len("sqlite:///"):] + ".slots.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield True
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    elif storage_url.startswith("postgresql"):
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(storage_url, poolclass=sqlalchemy.pool.NullPool)
+        key = zlib.crc32(b"cloudseg-trial-slots")
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield True
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        engine.dispose()
+    else:
+        yield False
+
+
+def claim_trial(study: optuna.Study, storage_url: str, n_trials: int) -> bool:
+    """Reserve the study's next trial for this worker, or say there is none left to run.
+
+    Under the storage's lock: trials of dead workers are failed first (their retries wait in the study); a waiting
+    trial no worker has claimed is claimed; else, while the study has fewer than ``n_trials`` trials counted,
+    running or waiting, a new waiting trial is enqueued and claimed (its parameters still come from the sampler)
+    for ``optimize`` to take. Workers that finish together therefore never start a trial the study does not need.
+    """
+    with _slot_lock(storage_url) as locked:
+        if not locked:
+            return in_flight(study) < n_trials
+        optuna.storages.fail_stale_trials(study)
+        waiting = _unclaimed(study)
+        if not waiting:
+            if in_flight(study) >= n_trials:
+                return False
+            study.enqueue_trial({})
+            waiting = _unclaimed(study)
+        study._storage.set_trial_system_attr(waiting[0]._trial_id, CLAIMED, waiting[0].number)
+        return True
+
+
+def _unclaimed(study: optuna.Study) -> list:
+    # a retry of a failed trial copies its system attributes, the claim among them: a claim names its own trial
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if t.system_attrs.get(CLAIMED) != t.number]
 
 
 def in_flight_before(study: optuna.Study, number: int) -> int:
@@ -218,7 +300,7 @@ def figures(study: optuna.Study, out_dir: Path) -> dict[str, str]:
 
 
 def trial_objective(study: optuna.Study, cfg: Config, space: dict, root: Path, split, parent: str | None,
-                    study_name: str, n_trials: int | None = None):
+                    study_name: str, n_trials: int | None = None, init_weights: Path | None = None):
     """The objective of ``experiments/sweep.py``: one nested MLflow training run per trial.
 
     Each epoch's ``val_jaccard`` goes to the pruner; a pruned trial raises ``optuna.TrialPruned`` and its run ends
@@ -228,7 +310,7 @@ def trial_objective(study: optuna.Study, cfg: Config, space: dict, root: Path, s
     """
     from mlflow.tracking import MlflowClient
 
-    from cloudseg.config import apply_overrides, validate_config
+    from cloudseg.config import apply_overrides
     from cloudseg.tracking.runs import train_fold
 
     client = MlflowClient()
@@ -239,7 +321,6 @@ def trial_objective(study: optuna.Study, cfg: Config, space: dict, root: Path, s
             raise SurplusTrial(f"trial {trial.number}: the study already has {n_trials} trials")
         params = suggest(trial, space)
         tcfg = apply_overrides(cfg, params, "search space")
-        validate_config(tcfg)
 
         def report(epoch: int, metrics: dict) -> None:
             if "val_jaccard" not in metrics:  # an epoch without validation (val_every > 1)
@@ -251,7 +332,8 @@ def trial_objective(study: optuna.Study, cfg: Config, space: dict, root: Path, s
         tags = {"cloudseg.study": study_name, "cloudseg.trial": str(trial.number)}
         try:
             out = train_fold(tcfg, root, split, "trial", tags, parent, [report], killed=(optuna.TrialPruned,),
-                             on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+                             on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
+                             init_weights=init_weights)
         except optuna.TrialPruned:
             client.set_tag(trial.user_attrs["mlflow_run_id"], "cloudseg.pruned", "true")
             raise
@@ -261,3 +343,95 @@ def trial_objective(study: optuna.Study, cfg: Config, space: dict, root: Path, s
         return out.metrics["best_val_jaccard"]
 
     return objective
+
+
+# ---------------------------------------------------------------------- a sweep worker
+def reconcile(study: optuna.Study, client, current_parent: str | None = None) -> None:
+    """Close the MLflow runs of trials that Optuna failed because their worker died (heartbeat), and that dead
+    worker's sweep run wherever it ran."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if not run_id or "error" in t.user_attrs:
+            continue
+        try:
+            run = client.get_run(run_id)
+        except Exception:
+            continue
+        if run.info.status == "RUNNING":
+            client.set_tag(run_id, "cloudseg.closed_by", "sweep: trial failed by Optuna heartbeat (worker died)")
+            client.set_terminated(run_id, "KILLED")
+            print(f"closed run {run_id} of trial {t.number} (its worker died)", flush=True)
+        parent = run.data.tags.get("mlflow.parentRunId")
+        if parent:
+            try:
+                prun = client.get_run(parent)
+            except Exception:
+                continue
+            if prun.info.status == "RUNNING" and parent != current_parent:
+                client.set_tag(parent, "cloudseg.closed_by", "sweep: its worker died (trial heartbeat failed)")
+                client.set_terminated(parent, "KILLED")
+
+
+def finish_parent(study: optuna.Study, parent: str, client) -> None:
+    """Log the study's state on a worker's sweep run: trials counted, the best value and the best trial's
+    parameters (metric ``best_value``, tags ``best.<key>``), and Optuna's figures."""
+    from cloudseg import tracking
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    client.log_metric(parent, "trials_counted", float(len(complete)))
+    if complete:
+        best = study.best_trial
+        client.log_metric(parent, "best_value", float(best.value))
+        client.log_metric(parent, "best_val_jaccard", float(best.value))
+        client.set_tag(parent, "cloudseg.best_trial", str(best.number))
+        tracking.log_json(parent, {"number": best.number, "value": best.value, "params": best.params,
+                                   "mlflow_run_id": best.user_attrs.get("mlflow_run_id")}, "best_trial.json")
+        for k, v in best.params.items():
+            client.set_tag(parent, f"best.{k}", str(v))
+    with tracking.scratch_dir() as tmp:
+        drawn = figures(study, Path(tmp) / "optuna")
+        for name, path in drawn.items():
+            if path.endswith(".png"):
+                client.log_artifact(parent, path, "optuna")
+            else:
+                client.set_tag(parent, f"optuna.{name}", path[:500])
+
+
+def run_worker(study: optuna.Study, cfg: Config, study_name: str, storage_url: str, n_trials: int,
+               timeout: float | None = None, worker_index: int = 0, init_weights: Path | None = None) -> None:
+    """One sweep worker on an opened study (``open_study``): trials until the study has ``n_trials`` (counted
+    across every worker), each a nested MLflow run under this worker's ``sweep`` run, which ends FINISHED with
+    the study's best."""
+    from mlflow.tracking import MlflowClient
+
+    from cloudseg import tracking
+    from cloudseg.data.sources import load_split
+    from cloudseg.tracking.runs import start_run
+
+    space = study.user_attrs["space"]
+    print(f"[worker {worker_index}] study '{study_name}' on {display_url(storage_url)}: "
+          f"{counted(study)}/{n_trials} trials done", flush=True)
+    tracking.check_store()
+    exp_id = tracking.setup(cfg.experiment)
+    client = MlflowClient()
+    tracking.close_stale_runs([exp_id])
+    reconcile(study, client)
+    root, split = load_split(cfg)
+    parent = start_run(cfg, "sweep", {"cloudseg.study": study_name, "cloudseg.worker": str(worker_index),
+                                      "cloudseg.storage": storage_url.split("@")[-1]},
+                       run_name=f"{study_name}-worker{worker_index}")
+    deadline = time.time() + timeout if timeout else None
+    objective = trial_objective(study, cfg, space, root, split, parent, study_name, n_trials, init_weights)
+    with tracking.run_status(parent):
+        while (deadline is None or time.time() < deadline) and claim_trial(study, storage_url, n_trials):
+            study.optimize(objective, n_trials=1, catch=(Exception,))
+            reconcile(study, client, parent)
+            client.set_tag(parent, "cloudseg.heartbeat", str(int(time.time())))
+            if study.trials[-1].user_attrs.get("surplus"):
+                break
+        finish_parent(study, parent, client)
+
+
+def summary(study: optuna.Study) -> dict[str, int]:
+    """Trials per state, by name."""
+    return {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}

@@ -1,0 +1,274 @@
+"""Promote: the best MLflow run(s) -> a zip-ready competition submission folder.
+
+How promote finds a run's config and weights: ``select_runs`` ranks FINISHED runs by their metric (a cv run
+stands for the ensemble of its folds); ``fetch_members`` takes each model run's config from
+``runs.config_of`` (its ``config.json``) and its weights from ``runs.checkpoint_of`` (``checkpoint/best.pt``).
+``write_submission`` lays them out with ``cloudseg.submission`` and keeps no local path in what it writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cloudseg.paths import REPO_ROOT, SUBMISSIONS_DIR, SYNTHETIC_DIR, real_data_dir
+from cloudseg.submission import MAIN_TEMPLATE
+
+class PromoteError(RuntimeError):
+    """The selection cannot be promoted; the message says why and what to do."""
+
+
+@dataclass
+class Member:
+    run_id: str
+    metric: str
+    value: float
+    checkpoint: Path  # local copy
+    config: dict
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", help="MLflow experiment to search (default: every experiment)")
+    p.add_argument("--study", help="only trials of this Optuna study (tag cloudseg.study)")
+    p.add_argument("--run-id", dest="run_ids", action="append", default=[], help="explicit run (repeatable)")
+    p.add_argument("--metric", default=None, help="ranking metric (default best_val_jaccard; cv_jaccard for cv)")
+    p.add_argument("--top-k", type=int, default=1, help="ensemble the top K runs (averaged probabilities)")
+    p.add_argument("--name", default="best", help="submission name: submissions/<name>/ and <name>.zip")
+    p.add_argument("--tta", default="flip", help="test-time augmentation in main.py: none, hflip, flip, flip4, d4")
+    p.add_argument("--batch-size", type=int, default=8, help="chips per forward pass in main.py")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="decision threshold (default: the members' stored thresholds, averaged)")
+    return p.parse_args(argv)
+
+
+def select_runs(client, args: argparse.Namespace) -> list[tuple[object, str]]:
+    """(run, metric) pairs to promote, best first. Raises PromoteError on an empty or invalid selection."""
+    from mlflow.exceptions import MlflowException
+
+    from cloudseg.tracking.runs import has_checkpoint
+
+    if args.run_ids:
+        chosen = []
+        for rid in args.run_ids:
+            try:
+                run = client.get_run(rid)
+            except MlflowException as exc:
+                raise PromoteError(f"run {rid} does not exist in this tracking store ({exc})") from exc
+            metric = args.metric or ("cv_jaccard" if run.data.tags.get("cloudseg.kind") == "cv"
+                                     else "best_val_jaccard")
+            if run.info.status != "FINISHED":
+                raise PromoteError(f"run {rid} is {run.info.status}, not FINISHED: only completed runs are promoted")
+            if metric not in run.data.metrics:
+                raise PromoteError(f"run {rid} has no metric {metric!r}; it has {sorted(run.data.metrics)}")
+            chosen.append((run, metric))
+        return chosen
+    if args.experiment:
+        exp = client.get_experiment_by_name(args.experiment)
+        if exp is None:
+            raise PromoteError(f"no MLflow experiment named {args.experiment!r}")
+        exp_ids = [exp.experiment_id]
+    else:
+        exp_ids = [e.experiment_id for e in client.search_experiments()]
+    metric = args.metric or "best_val_jaccard"
+    filters = ["attributes.status = 'FINISHED'"]
+    if args.study:
+        filters.append(f"tags.`cloudseg.study` = '{args.study}'")
+        filters.append("tags.`cloudseg.kind` = 'trial'")
+    runs = client.search_runs(exp_ids, " and ".join(filters), max_results=5000,
+                              order_by=[f"metrics.`{metric}` DESC"])
+    runs = [r for r in runs if metric in r.data.metrics and "cloudseg.kind" in r.data.tags]
+    if metric == "cv_jaccard":
+        runs = [r for r in runs if r.data.tags["cloudseg.kind"] == "cv"]
+    else:
+        runs = [r for r in runs if r.data.tags["cloudseg.kind"] in ("train", "trial")]
+    where = f"experiment {args.experiment!r}" if args.experiment else "any experiment"
+    if args.study:
+        where += f", study {args.study!r}"
+    if not runs:
+        raise PromoteError(f"no FINISHED run with metric {metric!r} in {where}; train or sweep first, or pass "
+                           "--run-id")
+    usable = [r for r in runs if metric == "cv_jaccard" or has_checkpoint(client, r.info.run_id)]
+    if not usable:
+        raise PromoteError(f"none of the {len(runs)} FINISHED runs in {where} has a checkpoint artifact")
+    return [(r, metric) for r in usable[: args.top_k]]
+
+
+def fetch_members(client, chosen, dst: Path) -> list[Member]:
+    """Download each chosen run's checkpoint and config (a cv run contributes every fold's)."""
+    from cloudseg.tracking.runs import RunError, checkpoint_of, config_of
+
+    members = []
+    for run, metric in chosen:
+        value = float(run.data.metrics[metric])
+        if run.data.tags.get("cloudseg.kind") == "cv":
+            folds = client.search_runs([run.info.experiment_id],
+                                       f"tags.mlflow.parentRunId = '{run.info.run_id}' and "
+                                       "attributes.status = 'FINISHED'")
+            if not folds:
+                raise PromoteError(f"cv run {run.info.run_id} has no FINISHED fold runs to ensemble")
+            sources = [f.info.run_id for f in sorted(folds, key=lambda f: int(f.data.tags.get("cloudseg.fold", 0)))]
+        else:
+            sources = [run.info.run_id]
+        for rid in sources:
+            try:
+                local = checkpoint_of(rid, dst / rid)
+                config = config_of(rid).to_dict()
+            except RunError as exc:
+                raise PromoteError(str(exc)) from exc
+            members.append(Member(rid, metric, value, local, config))
+    return members
+
+
+def check_runtime_models(members: list[Member]) -> list[dict]:
+    from cloudseg.checkpoint import load_checkpoint
+    from cloudseg.models import runtime_support
+
+    described = []
+    for m in members:
+        ckpt = load_checkpoint(m.checkpoint)
+        args = ckpt["model"]
+        ok, why = runtime_support(args["arch"], args["encoder_name"], **(args.get("kwargs") or {}))
+        if not ok:
+            raise PromoteError(f"run {m.run_id}: {args['arch']} + {args['encoder_name']} cannot be promoted: {why}")
+        described.append({"run_id": m.run_id, "arch": args["arch"], "encoder": args["encoder_name"],
+                          "threshold": ckpt["threshold"], "epoch": ckpt["epoch"], "runtime": why})
+    return described
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+PATH_KEYS = ("data", "exclude_ids", "suspect_ids", "init_from")  # config keys that may hold a local path
+
+
+def _file_digest(path: Path) -> str:
+    return f"sha256:{sha256(path)[:16]}"
+
+
+def portable_config(config: dict) -> dict:
+    """``config`` without local paths: ``data`` as the config's own words (``synthetic``, ``real``), relative to
+    the repository root, or ``folder:<name>``; id lists and checkpoint files as the sha256 of their contents; YAML
+    configs relative to the repository root (else their file name)."""
+    out = dict(config)
+    for key in PATH_KEYS:
+        value = str(out.get(key, "") or "")
+        if not value or value in ("synthetic", "real", "auto") or "/" not in value and not Path(value).exists():
+            continue
+        path = Path(value).expanduser()
+        if not path.is_absolute() and not path.exists():
+            path = REPO_ROOT / path
+        path = path.resolve()
+        if key == "data":
+            if path == SYNTHETIC_DIR.resolve():
+                out[key] = "synthetic"
+            elif path == real_data_dir():
+                out[key] = "real"
+            elif path.is_relative_to(REPO_ROOT):
+                out[key] = path.relative_to(REPO_ROOT).as_posix()
+            else:
+                out[key] = f"folder:{path.name}"
+        elif path.suffix in (".yaml", ".yml"):
+            out[key] = path.relative_to(REPO_ROOT).as_posix() if path.is_relative_to(REPO_ROOT) else path.name
+        elif path.is_file():
+            out[key] = _file_digest(path)
+        else:
+            out[key] = f"missing:{path.name}"
+    return out
+
+
+def _portable_checkpoint(path: Path) -> None:
+    """Rewrite a copied checkpoint's embedded config with ``portable_config``."""
+    from cloudseg.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(path)
+    ckpt["config"] = portable_config(ckpt.get("config") or {})
+    save_checkpoint(ckpt, path)
+
+
+def write_submission(name: str, members: list[Member], described: list[dict], args: argparse.Namespace,
+                     out_root: Path = SUBMISSIONS_DIR) -> tuple[Path, Path]:
+    from cloudseg import __version__
+    from cloudseg import submission as layout
+    from cloudseg.submission.verify import check_sources
+    from cloudseg.tracking import git_info
+
+    if not name or "/" in name or name.startswith("."):
+        raise PromoteError(f"--name {name!r}: use a plain folder name")
+    sources = {"main.py": MAIN_TEMPLATE.read_text()}
+    problems = check_sources(sources)
+    if problems:
+        raise PromoteError("the submission code fails the runtime checks:\n  " + "\n  ".join(problems))
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = out_root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    threshold = args.threshold if args.threshold is not None else \
+        float(sum(d["threshold"] for d in described) / len(described))
+    try:
+        layout.write_submission(tmp, [m.checkpoint for m in members], threshold=round(threshold, 4), tta=args.tta,
+                                batch_size=args.batch_size)
+    except ValueError as exc:  # e.g. an unknown --tta
+        raise PromoteError(str(exc)) from exc
+    inference = json.loads((tmp / "assets" / "inference.json").read_text())
+    for model in inference["models"]:
+        _portable_checkpoint(tmp / model)
+    configs = {}
+    for m in members:
+        configs[m.run_id] = portable_config(m.config)
+        (tmp / "assets" / f"config_{m.run_id}.json").write_text(json.dumps(configs[m.run_id], indent=2,
+                                                                           sort_keys=True))
+    commit, dirty = git_info()
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {
+        "name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cloudseg_version": __version__, "git_commit": commit, "git_dirty": dirty,
+        "runs": [{"run_id": m.run_id, "metric": m.metric, "value": m.value} for m in members],
+        "members": described, "inference": inference, "config": configs,
+        "sha256": {str(p.relative_to(tmp)): sha256(p) for p in files},
+    }
+    (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    final = out_root / name
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    zip_path = layout.zip_submission(final, out_root / f"{name}.zip")
+    return final, zip_path
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``experiments/promote.py``: select, fetch, check, write and zip; exit 2 with the reason when refused."""
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from cloudseg import tracking
+
+    args = parse_args(argv)
+    tracking.connect()
+    tracking.echo_stores()
+    client = MlflowClient()
+    try:
+        chosen = select_runs(client, args)
+        with tracking.scratch_dir() as tmp:
+            members = fetch_members(client, chosen, Path(tmp))
+            described = check_runtime_models(members)
+            folder, zip_path = write_submission(args.name, members, described, args)
+    except PromoteError as exc:
+        print(f"promote refused: {exc}", file=sys.stderr)
+        return 2
+    for run, metric in chosen:
+        print(f"promoted run {run.info.run_id} ({metric}={run.data.metrics[metric]:.6f})")
+    print(f"members={len(members)} folder={folder}")
+    print(f"zip={zip_path} ({zip_path.stat().st_size / 1e6:.1f} MB)")
+    return 0
