@@ -33,6 +33,7 @@ class Config:
     n_folds: int = 4  # location-grouped folds; 0 = leave-one-location-out
     fold: int = 0  # which fold validates this run
     cv: bool = False  # train every fold under one parent run and log the pooled out-of-fold cv_jaccard
+    in_memory: str = "auto"  # hold the split's arrays: auto = when they fit in 1 GB (~420 chips), else read on demand
     # --- model
     arch: str = "Unet"  # smp architecture (see cloudseg.models.ARCHITECTURES)
     encoder: str = "timm-mobilenetv3_large_100"  # smp encoder; light, and promotable to the runtime's smp 0.2.1
@@ -224,6 +225,7 @@ def validate_config(cfg: Config) -> None:
         (cfg.channels_last in ("auto", "true", "false"),
          f"channels_last={cfg.channels_last!r} must be auto, true or false"),
         (cfg.pruner in ("median", "hyperband", "none"), f"pruner={cfg.pruner!r} must be median, hyperband or none"),
+        (cfg.in_memory in ("auto", "true", "false"), f"in_memory={cfg.in_memory!r} must be auto, true or false"),
         (cfg.keep in ("best", "last"), f"keep={cfg.keep!r} must be best or last"),
         (cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r} must be auto, cpu or cuda"),
         (cfg.n_folds == 0 or cfg.n_folds >= 2, f"n_folds={cfg.n_folds} must be 0 (leave-one-location-out) or >= 2"),

@@ -1,6 +1,7 @@
 """Train one model (or every fold with cv=true) and track it in MLflow.
 
     python experiments/train.py --config experiments/configs/default.yaml [--set key=value]... [--data DIR]
+    python experiments/train.py ... --seeds 0,1,2       # one repeat parent, a child run per seed
     python experiments/train.py --resume RUN_ID
 
 One run, one path: the config (loaded, or the interrupted run's own), the starting weights (``init_from``,
@@ -25,7 +26,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override one config key (repeatable); the key must exist and keep its type")
     p.add_argument("--data", help="data folder in the competition layout (same as --set data=DIR)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run from its last checkpoint")
-    return p.parse_args(argv)
+    p.add_argument("--seeds", help="comma-separated seeds: the same config once per seed under one repeat parent "
+                   "run, which logs <metric>_mean, _sd, _ci_low, _ci_high of its children's figures")
+    args = p.parse_args(argv)
+    if args.seeds is not None:
+        try:
+            args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            p.error(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
+        if not args.seeds or len(set(args.seeds)) != len(args.seeds):
+            p.error("--seeds needs at least one seed, each once")
+        if args.resume:
+            p.error("--seeds and --resume: resuming a repeat parent repeats its own seeds; give --resume alone")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,11 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     from cloudseg.tracking import runs
 
     tracking.echo_stores()
-    kind = "cv" if cfg.cv else "train"
+    kind = "repeat" if args.seeds else "cv" if cfg.cv else "train"
+    seeds = args.seeds
     try:
         if args.resume:
             tracking.connect()
             cfg, kind = runs.resumable(args.resume)
+            if kind == "repeat":
+                seeds = runs.repeat_seeds(args.resume)
         exp_id = tracking.setup(cfg.experiment)
         if not args.resume:
             runs.ensure_pretraining(cfg.init_from)
@@ -57,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         what = f"--resume {args.resume}" if args.resume else "error"
         print(f"{what}: {exc}", file=sys.stderr)
         return 2
-    if kind == "cv":
+    if kind == "repeat":
+        out = runs.repeat(cfg, root, split, seeds, resume_run_id=args.resume, init_weights=init_weights)
+    elif kind == "cv":
         out = runs.cross_validate(cfg, root, split, resume_run_id=args.resume, init_weights=init_weights)
     else:
         out = runs.train_fold(cfg, root, split, kind, resume_run_id=args.resume, init_weights=init_weights)

@@ -316,6 +316,7 @@ def test_resolve_experiment():
 
 
 def test_data_root(tmp_path, monkeypatch):
+    (tmp_path / "train_metadata.csv").write_text("chip_id,location,datetime,cloudpath\n")
     monkeypatch.setenv("CLOUDSEG_REAL_DATA", str(tmp_path))
     assert analysis.data_root("real") == tmp_path.resolve()
     assert analysis.data_root(str(tmp_path)) == tmp_path.resolve()

@@ -25,9 +25,11 @@ from cloudseg.tracking import promote
 
 
 def fake_run(tmp: Path, value: float | None, *, kind="train", status="FINISHED", arch="Unet", encoder="resnet18",
-             checkpoint=True, tags=None, metric="best_val_jaccard", parent=None, threshold=0.4) -> str:
+             checkpoint=True, tags=None, metric="best_val_jaccard", parent=None, threshold=0.4,
+             cfg_over=None) -> str:
     """An MLflow run as training leaves it, with a tiny real checkpoint (random weights)."""
-    cfg = apply_overrides(Config(), {"experiment": "promo", "arch": arch, "encoder": encoder}, "test")
+    cfg = apply_overrides(Config(), {"experiment": "promo", "arch": arch, "encoder": encoder, **(cfg_over or {})},
+                          "test")
     run_id = start_run(cfg, kind, tags, parent)
     client = MlflowClient()
     if value is not None:
@@ -157,3 +159,36 @@ def test_promote_after_tiny_sweep_picks_optunas_best(mlflow_tmp, tiny_data, tmp_
     assert promote.main(["--study", "pick", "--name", "picked"]) == 0
     manifest = json.loads((out / "picked" / "MANIFEST.json").read_text())
     assert manifest["runs"][0]["run_id"] == best.user_attrs["mlflow_run_id"]
+
+
+def test_submission_carries_no_local_paths(store, tmp_path, capsys):
+    """data, exclude_ids and init_from with absolute paths: none of them (nor the home folder) reaches the
+    folder, the zip, or the configs pickled inside the checkpoints."""
+    import os
+
+    excl = tmp_path / "private" / "exclude.txt"
+    excl.parent.mkdir()
+    excl.write_text("chip_a\n")
+    data = tmp_path / "private" / "mydata"
+    data.mkdir()
+    init = tmp_path / "private" / "init.pt"
+    init.write_bytes(b"weights")
+    cfg_over = {"data": str(data), "exclude_ids": str(excl), "init_from": str(init)}
+    rid = fake_run(store, 0.7, cfg_over=cfg_over)
+    assert promote.main(["--run-id", rid, "--name", "private"]) == 0
+    out = store / "submissions"
+    needles = [str(tmp_path), str(REPO_ROOT), os.path.expanduser("~") + "/"]
+    for path in [p for p in (out / "private").rglob("*") if p.is_file()]:
+        text = path.read_bytes()
+        assert not [n for n in needles if n.encode() in text], path
+    with zipfile.ZipFile(out / "private.zip") as zf:
+        for name in zf.namelist():
+            blob = zf.read(name)
+            assert not [n for n in needles if n.encode() in blob], name
+    from cloudseg.checkpoint import load_checkpoint
+
+    stored = load_checkpoint(out / "private" / "assets" / "model_0.pt")["config"]
+    assert stored["data"] == "folder:mydata" and stored["exclude_ids"].startswith("sha256:")
+    assert stored["init_from"].startswith("sha256:")
+    manifest = json.loads((out / "private" / "MANIFEST.json").read_text())
+    assert manifest["config"][rid] == stored

@@ -125,3 +125,49 @@ def test_sigkill_mid_trial_is_accounted_for(sweep_env, tiny_data):
     assert not [r for r in runs if r.info.status == "RUNNING"]
     dead_trial_run = [r for r in runs if r.data.tags.get("cloudseg.trial") == str(killed[0].number)]
     assert len(dead_trial_run) == 1 and dead_trial_run[0].info.status == "KILLED"
+
+
+def _fresh_study(tmp_path, name, seed=0, worker=0):
+    from cloudseg.config import Config
+    from cloudseg.tracking.study import make_storage, open_study
+
+    space = {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    url = f"sqlite:///{tmp_path / (name + '.db')}"
+    return open_study(name, make_storage(url), space, Config(seed=seed), worker), url
+
+
+def _first_draws(study, n=3):
+    draws = []
+    for _ in range(n):
+        t = study.ask()
+        draws.append(t.suggest_float("lr", 1e-4, 1e-2, log=True))
+        study.tell(t, 0.5)
+    return draws
+
+
+def test_one_worker_on_a_fresh_study_proposes_the_same_trials(tmp_path):
+    a, _ = _fresh_study(tmp_path, "a")
+    b, _ = _fresh_study(tmp_path, "b")
+    c, _ = _fresh_study(tmp_path, "c", seed=1)
+    d, _ = _fresh_study(tmp_path, "d", worker=1)
+    first = _first_draws(a)
+    assert _first_draws(b) == first
+    assert _first_draws(c) != first and _first_draws(d) != first
+    # a worker restarted on the study in progress does not replay its first draws
+    again, _ = _fresh_study(tmp_path, "a")
+    assert _first_draws(again, 1)[0] not in first
+
+
+def test_claims_never_exceed_the_study(tmp_path):
+    from cloudseg.tracking.study import claim_trial, counted
+
+    study, url = _fresh_study(tmp_path, "claims")
+    assert claim_trial(study, url, 2) and claim_trial(study, url, 2)  # two workers, one trial each
+    assert not claim_trial(study, url, 2)  # a third finds the study full
+    for _ in range(2):
+        t = study.ask()  # what optimize() does: takes a waiting trial
+        t.suggest_float("lr", 1e-4, 1e-2, log=True)
+        study.tell(t, 0.5)
+    assert counted(study) == 2 and not claim_trial(study, url, 2)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert claim_trial(study, url, 3)  # resumed with a larger budget

@@ -246,3 +246,88 @@ def test_resumed_training_repeats_the_uninterrupted_one(tiny_data, tmp_path, mon
     b = load_checkpoint(resumed.checkpoint)["state_dict"]
     assert [h["train_loss"] for h in whole.history] == [h["train_loss"] for h in resumed.history]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_checks_itself_on_construction():
+    from cloudseg.config import Config
+
+    with pytest.raises(ConfigError, match="'epochs' must be int"):
+        Config(epochs="3")
+    with pytest.raises(ConfigError, match="lr=inf"):
+        Config(lr=float("inf"))
+    with pytest.raises(ConfigError, match="steps_per_epoch=-1"):
+        Config(steps_per_epoch=-1)
+    assert Config(lr=1).lr == 1.0 and isinstance(Config(lr=1).lr, float)
+
+
+def test_bad_input_is_refused_before_any_run_opens(env, tiny_data, tmp_path, capsys):
+    """Each bad value gets one line naming it and exit status 2, and no MLflow run is created."""
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("epochs: [1\n")
+    cases = {
+        "lr=inf": (["--set", "lr=inf"], "lr=inf"),
+        "steps": (["--set", "steps_per_epoch=-1"], "steps_per_epoch=-1"),
+        "encoder": (["--set", "encoder=resnet999"], "unknown encoder 'resnet999'"),
+        "folds": (["--set", "n_folds=5"], "n_folds=5 but the data has only 3 locations"),
+        "yaml": (["--config", str(bad_yaml)], f"{bad_yaml}: not valid YAML"),
+    }
+    for name, (extra, message) in cases.items():
+        capsys.readouterr()
+        code = train_script.main(["--data", str(tiny_data), *TINY, *extra])
+        err = capsys.readouterr().err
+        assert code == 2, name
+        assert message in err, (name, err)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("tiny")
+    assert exp is None or not client.search_runs([exp.experiment_id])
+
+
+def test_seeds_make_one_repeat_parent(env, tiny_data, capsys):
+    """--seeds 0,1,2: one repeat parent over three ordinary child runs; its mean, sd and 95% interval match the
+    children's figures computed by hand; the last run_id printed is the parent's."""
+    assert train_script.main(["--data", str(tiny_data), *TINY, "--seeds", "0,1,2"]) == 0
+    out = capsys.readouterr().out
+    parent_id = [line for line in out.splitlines() if line.startswith("run_id=")][-1].split("=", 1)[1]
+    client, runs = _only_run()
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["cloudseg.kind"] == "repeat"
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    assert sorted(int(k.data.tags["cloudseg.seed"]) for k in kids) == [0, 1, 2]
+    assert all(k.info.status == "FINISHED" and k.data.tags["cloudseg.kind"] == "train" for k in kids)
+    assert sorted(k.data.params["seed"] for k in kids) == ["0", "1", "2"]
+    vals = [k.data.metrics["best_val_jaccard"] for k in kids]
+    mean = sum(vals) / 3
+    sd = (sum((v - mean) ** 2 for v in vals) / 2) ** 0.5
+    half = 4.302652729911275 * sd / 3 ** 0.5  # t(0.975, 2 degrees of freedom)
+    m = parent.data.metrics
+    assert m["best_val_jaccard_mean"] == pytest.approx(mean, abs=1e-9)
+    assert m["best_val_jaccard_sd"] == pytest.approx(sd, abs=1e-9)
+    assert m["best_val_jaccard_ci_low"] == pytest.approx(mean - half, abs=1e-9)
+    assert m["best_val_jaccard_ci_high"] == pytest.approx(mean + half, abs=1e-9)
+    assert f"best_val_jaccard_mean={mean:.6f}" in out
+    # promote ranks the parent by its mean and ensembles its children
+    from cloudseg.tracking import promote
+
+    chosen = promote.select_runs(client, promote.parse_args(["--run-id", parent_id]))
+    assert chosen[0][1] == "best_val_jaccard_mean"
+    assert sorted(promote.model_runs(client, parent)) == sorted(k.info.run_id for k in kids)
+
+
+def test_training_on_a_split_read_from_disk_matches_memory(tiny_data, tmp_path):
+    """The same seed on a split held in memory and on one read chip by chip gives the same run."""
+    from cloudseg.data.sources import fold_ids
+    from cloudseg.data.validate import validate_split
+    from cloudseg.training import Trainer
+
+    cfg = load_config(None, ["encoder=resnet18", "epochs=2", "batch_size=2", "crop_size=64", "steps_per_epoch=2",
+                             "aug_strength=1", "val_batch_size=2", "n_folds=3", "plot_chips=1",
+                             "num_threads=1", "precision=fp32"], data=str(tiny_data))
+    results = {}
+    for mode, split in {"memory": validate_split(tiny_data, "train", labels=True, load=True),
+                        "disk": validate_split(tiny_data, "train", labels=True, deep=False)}.items():
+        train_ids, val_ids = fold_ids(cfg, split)
+        results[mode] = Trainer(cfg, split, train_ids, val_ids, tmp_path / mode).fit()
+    mem, disk = results["memory"], results["disk"]
+    assert [h["train_loss"] for h in mem.history] == [h["train_loss"] for h in disk.history]
+    assert [h["val_jaccard"] for h in mem.history] == [h["val_jaccard"] for h in disk.history]
+    assert mem.best_val_jaccard == disk.best_val_jaccard and mem.threshold == disk.threshold

@@ -12,10 +12,17 @@ from cloudseg.data.io import read_chip, read_label, write_tif
 from cloudseg.data.validate import DatasetError, validate_split
 
 
-def _problems(root, split="train"):
+def _problems(root, split="train", deep=True):
     with pytest.raises(DatasetError) as info:
-        validate_split(root, split)
+        validate_split(root, split, deep=deep)
     return info.value.problems, str(info.value)
+
+
+@pytest.fixture(params=[True, False], ids=["deep", "headers"])
+def deep(request, tmp_path, monkeypatch):
+    """Both ways of validating: every pixel, or headers and last pixels (cached, here in a fresh folder)."""
+    monkeypatch.setenv("CLOUDSEG_CACHE", str(tmp_path / "cache"))
+    return request.param
 
 
 def test_valid_split_loads_arrays(tiny_data):
@@ -31,39 +38,39 @@ def test_valid_split_loads_arrays(tiny_data):
     assert list(result.metadata.index) == result.ids
 
 
-def test_missing_band(tiny_copy):
+def test_missing_band(tiny_copy, deep):
     (tiny_copy / "train_features" / "tr01" / "B08.tif").unlink()
-    problems, msg = _problems(tiny_copy)
+    problems, msg = _problems(tiny_copy, deep=deep)
     assert problems == [f"{tiny_copy / 'train_features' / 'tr01' / 'B08.tif'}: file is missing"]
     assert "B08.tif" in msg and "1 problem" in msg
 
 
-def test_truncated_tif(tiny_copy):
+def test_truncated_tif(tiny_copy, deep):
     path = tiny_copy / "train_features" / "tr00" / "B03.tif"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3])
-    problems, _ = _problems(tiny_copy)
+    problems, _ = _problems(tiny_copy, deep=deep)
     assert len(problems) == 1 and str(path) in problems[0] and "unreadable or truncated" in problems[0]
 
 
-def test_garbage_file_is_unreadable(tiny_copy):
+def test_garbage_file_is_unreadable(tiny_copy, deep):
     path = tiny_copy / "train_features" / "tr02" / "B02.tif"
     path.write_bytes(b"this is not a tiff")
-    problems, _ = _problems(tiny_copy)
+    problems, _ = _problems(tiny_copy, deep=deep)
     assert len(problems) == 1 and str(path) in problems[0] and "unreadable" in problems[0]
 
 
-def test_wrong_shape(tiny_copy):
+def test_wrong_shape(tiny_copy, deep):
     path = tiny_copy / "train_features" / "tr00" / "B04.tif"
     write_tif(path, np.zeros((511, 512), dtype=np.uint16))
-    problems, _ = _problems(tiny_copy)
+    problems, _ = _problems(tiny_copy, deep=deep)
     assert problems == [f"{path}: wrong shape 511x512, expected 512x512"]
 
 
-def test_wrong_dtype(tiny_copy):
+def test_wrong_dtype(tiny_copy, deep):
     path = tiny_copy / "train_features" / "tr03" / "B02.tif"
     write_tif(path, np.zeros((512, 512), dtype=np.float32))
-    problems, _ = _problems(tiny_copy)
+    problems, _ = _problems(tiny_copy, deep=deep)
     assert problems == [f"{path}: wrong dtype float32, expected uint16"]
 
 
@@ -76,10 +83,10 @@ def test_non_binary_label(tiny_copy):
     assert problems == [f"{path}: label is not binary, found values [2, 255] besides 0/1"]
 
 
-def test_missing_label(tiny_copy):
+def test_missing_label(tiny_copy, deep):
     path = tiny_copy / "train_labels" / "tr02.tif"
     path.unlink()
-    problems, _ = _problems(tiny_copy)
+    problems, _ = _problems(tiny_copy, deep=deep)
     assert problems == [f"{path}: label file is missing"]
 
 
@@ -140,3 +147,49 @@ def test_real_sample_validates(real_data):
     assert train.metadata["location"].nunique() == 6
     test = validate_split(real_data, "test")
     assert test.ids == ["akny"] and not test.has_labels
+
+
+def test_header_check_is_cached_by_the_files(tiny_copy, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLOUDSEG_CACHE", str(tmp_path / "cache"))
+    assert len(validate_split(tiny_copy, "train", deep=False).ids) == 4
+    assert len(list((tmp_path / "cache" / "validated").glob("*.json"))) == 1
+    path = tiny_copy / "train_features" / "tr01" / "B02.tif"
+    path.write_bytes(b"not a tif")  # another size and time: checked again, and the problem is found
+    with pytest.raises(DatasetError, match="unreadable"):
+        validate_split(tiny_copy, "train", deep=False)
+
+
+def test_header_only_metadata_is_an_empty_split(tmp_path):
+    root = tmp_path / "d"
+    (root / "train_features").mkdir(parents=True)
+    (root / "train_labels").mkdir()
+    (root / "train_metadata.csv").write_text("chip_id,location,datetime,cloudpath\n")
+    problems, _ = _problems(root)
+    assert problems == [f"{root / 'train_metadata.csv'}: no chips (the metadata has a header and no rows)"]
+
+
+@pytest.mark.parametrize("content, message", [(b"", "metadata file is empty"),
+                                              (b"chip_id,location\n\xff\xfe,x\n", "not UTF-8 text")])
+def test_unreadable_metadata_names_the_file(tmp_path, content, message):
+    root = tmp_path / "d"
+    (root / "train_features").mkdir(parents=True)
+    (root / "train_metadata.csv").write_bytes(content)
+    problems, _ = _problems(root)
+    assert len(problems) == 1 and problems[0].startswith(str(root / "train_metadata.csv")) and message in problems[0]
+
+
+def test_lazy_split_reads_what_memory_holds(tiny_data):
+    from cloudseg.data.dataset import ChipDataset
+
+    lazy = validate_split(tiny_data, "train", deep=False)
+    held = validate_split(tiny_data, "train", load=True)
+    assert not lazy.in_memory and held.in_memory
+    a, b = ChipDataset(lazy)[2], ChipDataset(held)[2]
+    assert a["chip_id"] == b["chip_id"]
+    assert torch_equal(a["image"], b["image"]) and torch_equal(a["mask"], b["mask"])
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return bool(torch.equal(x, y))

@@ -1,4 +1,5 @@
-"""A torch Dataset over validated chips, decoded once per run and kept in memory."""
+"""A torch Dataset over validated chips: held in memory where the split was loaded, else read from disk on demand
+(one chip at a time, in the DataLoader's workers), so memory stays O(batch) whatever the split's size."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ class ChipDataset(Dataset):
     """Samples ``{"chip_id": str, "image": float32 (4, H, W), "mask": float32 (1, H, W)}``; no mask without labels.
 
     Args:
-        split: A ``ValidatedSplit`` loaded with ``load=True`` (arrays decoded once, shared by every fold).
+        split: A ``ValidatedSplit``: loaded (``load=True``, arrays shared by every fold) or not (chips read from
+            disk each time they are drawn).
         ids: The chip ids this dataset serves (defaults to all of the split).
         transform: albumentations transform applied to image and mask together (before normalisation).
         normalization: uint16 -> float32 mapping.
@@ -30,11 +32,10 @@ class ChipDataset(Dataset):
         transform: Callable | None = None,
         normalization: Normalization | None = None,
     ):
-        if not split.images:
-            raise ValueError("ChipDataset needs a split validated with load=True")
         self.split = split
         self.ids = list(split.ids if ids is None else ids)
-        unknown = [c for c in self.ids if c not in split.images]
+        known = set(split.ids)
+        unknown = [c for c in self.ids if c not in known]
         if unknown:
             raise KeyError(f"chip ids not in {split.root} ({split.split}): {unknown[:10]}")
         self.transform = transform
@@ -54,8 +55,8 @@ class ChipDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         chip_id = self.ids[index]
-        image = self.split.images[chip_id]
-        mask = self.split.masks.get(chip_id) if self.has_labels else None
+        image = self.split.image(chip_id)
+        mask = self.split.mask(chip_id) if self.has_labels else None
         if self.transform is not None:
             image, mask = apply_transform(self.transform, image, mask)
         sample = {"chip_id": chip_id, "image": torch.from_numpy(self.normalization(image))}

@@ -92,7 +92,15 @@ def load_metadata(root: Path | str, split: str) -> pd.DataFrame:
     path = metadata_path(root, split)
     if not path.is_file():
         raise ChipReadError(f"{path}: metadata file is missing")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise ChipReadError(f"{path}: metadata file is empty; expected a header {list(METADATA_COLUMNS)} and a "
+                            "row per chip") from None
+    except UnicodeDecodeError as exc:
+        raise ChipReadError(f"{path}: metadata file is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except pd.errors.ParserError as exc:
+        raise ChipReadError(f"{path}: not a readable CSV ({' '.join(str(exc).split())})") from None
     missing = [c for c in ("chip_id", "location") if c not in df.columns]
     if missing:
         raise ChipReadError(f"{path}: missing column(s) {missing}; expected {list(METADATA_COLUMNS)}")

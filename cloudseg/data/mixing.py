@@ -10,13 +10,13 @@ from cloudseg.data.validate import ValidatedSplit
 
 def merge_splits(base: ValidatedSplit, extra: ValidatedSplit, n_extra: int | None = None, prefix: str = "mix_",
                  seed: int = 0) -> tuple[ValidatedSplit, list[str]]:
-    """One in-memory split holding ``base`` and (a seeded sample of) ``extra``.
+    """One split holding ``base`` and (a seeded sample of) ``extra``.
 
     Extra chips get ids and locations prefixed with ``prefix``, so they never collide with the base's and never
     share a location with it. Arrays are shared, not copied.
 
     Args:
-        base: A split loaded with ``load=True`` (its chips keep their ids).
+        base: A split (its chips keep their ids); loaded or read from disk on demand, as is ``extra``.
         extra: Another loaded, labeled split.
         n_extra: How many extra chips to take (seeded random sample); None = all.
         prefix: Prefix of the extra chips' ids and locations.
@@ -26,10 +26,8 @@ def merge_splits(base: ValidatedSplit, extra: ValidatedSplit, n_extra: int | Non
         The merged split and the (prefixed) ids of the extra chips in it.
 
     Raises:
-        ValueError: a split was not loaded, ``extra`` has no labels, or ``n_extra`` exceeds its size.
+        ValueError: ``extra`` has no labels, or ``n_extra`` exceeds its size.
     """
-    if not base.images or not extra.images:
-        raise ValueError("merge_splits needs splits validated with load=True")
     if not extra.has_labels:
         raise ValueError(f"merge_splits: {extra.root} ({extra.split}) has no labels to train on")
     ids = list(extra.ids)
@@ -45,8 +43,9 @@ def merge_splits(base: ValidatedSplit, extra: ValidatedSplit, n_extra: int | Non
     merged = ValidatedSplit(
         root=base.root, split=base.split, metadata=pd.concat([base.metadata, meta]), ids=list(base.ids) + new_ids,
         has_labels=base.has_labels,
-        images={**base.images, **{n: extra.images[c] for n, c in zip(new_ids, ids)}},
-        masks={**base.masks, **{n: extra.masks[c] for n, c in zip(new_ids, ids)}},
+        images={**base.images, **{n: extra.images[c] for n, c in zip(new_ids, ids) if c in extra.images}},
+        masks={**base.masks, **{n: extra.masks[c] for n, c in zip(new_ids, ids) if c in extra.masks}},
         mixed_ids=list(base.mixed_ids) + new_ids,
+        origin={**base.origin, **{n: extra.origin.get(c, (extra.root, extra.split, c)) for n, c in zip(new_ids, ids)}},
     )
     return merged, new_ids

@@ -16,6 +16,8 @@ from cloudseg.data.validate import ValidatedSplit, validate_split
 from cloudseg.paths import REPO_ROOT, real_data_dir
 
 SUSPECT_LIST = Path("reference") / "suspect_label_ids.txt"  # beside the splits of the real sample
+IN_MEMORY_BYTES = 1 << 30  # in_memory=auto holds a split whose arrays fit in this
+CHIP_BYTES = 512 * 512 * (4 * 2 + 1)  # four uint16 bands and a uint8 label
 MIXED_PREFIX = "syn_"  # ids and locations of synthetic chips mixed into a real split (config key mix_synthetic)
 
 
@@ -63,11 +65,28 @@ def suspect_ids(cfg: Config | str, root: Path | str) -> set[str]:
     return read_id_list(value)
 
 
+def hold_in_memory(cfg: Config, n_chips: int) -> bool:
+    """Config key ``in_memory``: auto holds a split whose arrays fit in ``IN_MEMORY_BYTES`` (each chip is then
+    decoded once per run), else chips are read from disk when drawn (memory O(batch))."""
+    if cfg.in_memory == "auto":
+        return n_chips * CHIP_BYTES <= IN_MEMORY_BYTES
+    return cfg.in_memory == "true"
+
+
 def load_split(cfg: Config) -> tuple[Path, ValidatedSplit]:
-    """The config's training split, validated and decoded, with ``mix_synthetic`` synthetic chips merged in."""
+    """The config's training split, validated, with ``mix_synthetic`` synthetic chips merged in: decoded into
+    memory when small (``hold_in_memory``), else checked by headers (cached) and read on demand."""
+    from cloudseg.data.io import ChipReadError, load_metadata
+    from cloudseg.data.validate import DatasetError
+
     root = resolve_data(cfg.data, cfg.synthetic_n)
-    print(f"data: {root}", flush=True)
-    split = validate_split(root, "train", labels=True, load=True)
+    try:
+        n = len(load_metadata(root, "train")) + cfg.mix_synthetic
+    except ChipReadError as exc:
+        raise DatasetError(root, "train", [str(exc)]) from None
+    load = hold_in_memory(cfg, n)
+    print(f"data: {root} ({n} chips, {'held in memory' if load else 'read from disk on demand'})", flush=True)
+    split = validate_split(root, "train", labels=True, load=load, deep=load)
     if cfg.mix_synthetic:
         from cloudseg.data.mixing import merge_splits
 
@@ -75,7 +94,7 @@ def load_split(cfg: Config) -> tuple[Path, ValidatedSplit]:
         if syn_root == root:
             raise ValueError(f"mix_synthetic={cfg.mix_synthetic}: the data already is the synthetic default; "
                              "mixing is for real data")
-        syn = validate_split(syn_root, "train", labels=True, load=True)
+        syn = validate_split(syn_root, "train", labels=True, load=load, deep=load)
         if cfg.mix_synthetic > len(syn.ids):
             raise ValueError(f"mix_synthetic={cfg.mix_synthetic} but {syn_root} has {len(syn.ids)} chips")
         split, mixed = merge_splits(split, syn, cfg.mix_synthetic, prefix=MIXED_PREFIX, seed=cfg.seed)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from cloudseg.data.io import (
     labels_dir,
     load_metadata,
     read_band,
+    read_chip,
 )
 
 
@@ -46,6 +51,33 @@ class ValidatedSplit:
     images: dict[str, np.ndarray] = field(default_factory=dict)  # id -> (4, H, W) uint16
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # id -> (H, W) uint8
     mixed_ids: list[str] = field(default_factory=list)  # chips merged in from another dataset, for training only
+    origin: dict[str, tuple[Path, str, str]] = field(default_factory=dict)  # merged id -> (root, split, own id)
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether every chip's arrays are held (``load=True``) rather than read from disk on demand."""
+        return len(self.images) == len(self.ids)
+
+    def paths(self, chip_id: str) -> tuple[Path, Path]:
+        """(features folder, label file) of a chip, wherever it came from."""
+        root, split, own = self.origin.get(chip_id, (self.root, self.split, chip_id))
+        return features_dir(root, split) / own, labels_dir(root, split) / f"{own}.tif"
+
+    def image(self, chip_id: str) -> np.ndarray:
+        """The chip's bands, from memory or read now. Shape: (4, H, W), uint16."""
+        if chip_id in self.images:
+            return self.images[chip_id]
+        return read_chip(self.paths(chip_id)[0])
+
+    def mask(self, chip_id: str) -> np.ndarray:
+        """The chip's label, from memory or read now (refused unless binary). Shape: (H, W), uint8."""
+        if chip_id in self.masks:
+            return self.masks[chip_id]
+        path = self.paths(chip_id)[1]
+        lab = read_band(path)
+        if lab.max(initial=0) > 1:
+            raise ChipReadError(f"{path}: label is not binary (found {int(lab.max())})")
+        return lab
 
     @property
     def own_ids(self) -> list[str]:
@@ -65,16 +97,91 @@ def _check_array(path: Path, arr: np.ndarray, dtype: str, size: int, problems: l
     return ok
 
 
+def _check_header(path: Path, dtype: str, size: int) -> list[str]:
+    """Problems of one TIF from its header, plus its last pixel (a truncated file fails to decode it)."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+    from rasterio.windows import Window
+    import warnings
+
+    if not path.is_file():
+        return [f"{path}: {'label file' if dtype == 'uint8' else 'file'} is missing"]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                problems = []
+                if src.count != 1:
+                    problems.append(f"{path}: expected 1 band, found {src.count}")
+                if (src.height, src.width) != (size, size):
+                    problems.append(f"{path}: wrong shape {src.height}x{src.width}, expected {size}x{size}")
+                if src.dtypes[0] != dtype:
+                    problems.append(f"{path}: wrong dtype {src.dtypes[0]}, expected {dtype}")
+                if not problems:
+                    src.read(1, window=Window(src.width - 1, src.height - 1, 1, 1))
+                return problems
+    except Exception as exc:  # rasterio raises several types for truncated or corrupt files
+        return [f"{path}: unreadable or truncated TIF ({exc})"]
+
+
+def _files(feats: Path, labs: Path, ids: list[str], has_labels: bool) -> list[tuple[Path, str]]:
+    out = [(feats / c / f"{b}.tif", "uint16") for c in ids for b in BANDS]
+    if has_labels:
+        out += [(labs / f"{c}.tif", "uint8") for c in ids]
+    return out
+
+
+def _stat_key(root: Path, split: str, files: list[tuple[Path, str]], size: int) -> str:
+    """What a header check depends on: the files' names, sizes and modification times, and the chip size."""
+    h = hashlib.sha256(f"{root.resolve()}:{split}:{size}".encode())
+    for path, _ in files:
+        try:
+            st = path.stat()
+            h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        except OSError:
+            h.update(f"{path.name}:missing;".encode())
+    return h.hexdigest()[:24]
+
+
+def _header_cache() -> Path:
+    from cloudseg.paths import REPO_ROOT
+
+    return Path(os.environ.get("CLOUDSEG_CACHE", REPO_ROOT / ".cache")) / "validated"
+
+
+def check_headers(root: Path, split: str, ids: list[str], has_labels: bool, size: int = CHIP_SIZE,
+                  workers: int = 16) -> list[str]:
+    """Every band and label file's header (names, sizes, shapes, dtypes) and last pixel, read in parallel; a
+    split that passed is remembered by its files' sizes and times, so the next run start checks nothing."""
+    files = _files(features_dir(root, split), labels_dir(root, split), ids, has_labels)
+    key = _stat_key(root, split, files, size)
+    marker = _header_cache() / f"{key}.json"
+    if marker.is_file():
+        return []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems = [p for ps in pool.map(lambda f: _check_header(f[0], f[1], size), files) for p in ps]
+    if not problems:
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"root": str(root), "split": split, "chips": len(ids)}))
+        except OSError:  # a read-only checkout: no cache, same result
+            pass
+    return problems
+
+
 def validate_split(
     root: Path | str,
     split: str = "train",
     labels: bool | None = None,
     load: bool = False,
     size: int = CHIP_SIZE,
+    deep: bool = True,
 ) -> ValidatedSplit:
     """Validate ``<split>_features``, ``<split>_labels`` and ``<split>_metadata.csv`` under ``root``.
 
-    Every file is decoded, so truncated TIFs are caught here rather than in the middle of an epoch.
+    ``deep`` (or ``load``) decodes every file, so truncated TIFs and non-binary labels are caught here rather than
+    in the middle of an epoch; ``deep=False`` checks each file's header and last pixel in parallel (``check_headers``,
+    cached), which is what a run start on the full dataset can afford.
 
     Args:
         root: Folder holding the competition layout.
@@ -82,6 +189,7 @@ def validate_split(
         labels: Require labels (True), forbid checking them (False) or use them when the folder exists (None).
         load: Keep the decoded arrays in the result, so a run decodes each chip once.
         size: Expected chip height and width.
+        deep: Decode every pixel (else headers only).
 
     Raises:
         DatasetError: listing every problem found.
@@ -117,7 +225,14 @@ def validate_split(
             problems.append(f"{labs / (chip_id + '.tif')}: label without a metadata row")
 
     ids = [c for c in dict.fromkeys(meta_ids) if c in folders]
+    if not meta_ids:
+        problems.append(f"{root / f'{split}_metadata.csv'}: no chips (the metadata has a header and no rows)")
     out = ValidatedSplit(root, split, meta.drop_duplicates("chip_id").set_index("chip_id").loc[ids], ids, has_labels)
+    if not (deep or load):
+        problems += check_headers(root, split, ids, has_labels, size)
+        if problems:
+            raise DatasetError(root, split, problems)
+        return out
     for chip_id in ids:
         bands = []
         for band in BANDS:

@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiment", help="MLflow experiment to search (default: every experiment)")
     p.add_argument("--study", help="only trials of this Optuna study (tag cloudseg.study)")
     p.add_argument("--run-id", dest="run_ids", action="append", default=[], help="explicit run (repeatable)")
-    p.add_argument("--metric", default=None, help="ranking metric (default best_val_jaccard; cv_jaccard for cv)")
+    p.add_argument("--metric", default=None, help="ranking metric (default best_val_jaccard; cv_jaccard for cv; "
+                   "<figure>_mean for a repeat parent, whose children are promoted as an ensemble)")
     p.add_argument("--top-k", type=int, default=1, help="ensemble the top K runs (averaged probabilities)")
     p.add_argument("--name", default="best", help="submission name: submissions/<name>/ and <name>.zip")
     p.add_argument("--tta", default="flip", help="test-time augmentation in main.py: none, hflip, flip, flip4, d4")
@@ -45,6 +46,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=None,
                    help="decision threshold (default: the members' stored thresholds, averaged)")
     return p.parse_args(argv)
+
+
+def default_metric(run) -> str:
+    """A run's ranking figure: ``cv_jaccard`` for a cv run, a repeat parent's mean of its children's figure
+    (``cv_jaccard_mean`` or ``best_val_jaccard_mean``), else ``best_val_jaccard``."""
+    kind = run.data.tags.get("cloudseg.kind")
+    if kind == "repeat":
+        return "cv_jaccard_mean" if "cv_jaccard_mean" in run.data.metrics else "best_val_jaccard_mean"
+    return "cv_jaccard" if kind == "cv" else "best_val_jaccard"
+
+
+def _children(client, run) -> list:
+    kids = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' and "
+                              "attributes.status = 'FINISHED'")
+    key = "cloudseg.seed" if run.data.tags.get("cloudseg.kind") == "repeat" else "cloudseg.fold"
+    return sorted(kids, key=lambda r: int(r.data.tags.get(key, 0)))
+
+
+def model_runs(client, run) -> list[str]:
+    """The run ids whose checkpoints make up ``run``'s model: a cv run's folds, a repeat parent's children
+    (each of them a cv run's folds where the children are cv runs), else the run itself."""
+    kind = run.data.tags.get("cloudseg.kind")
+    if kind not in ("cv", "repeat"):
+        return [run.info.run_id]
+    kids = _children(client, run)
+    if not kids:
+        raise PromoteError(f"{kind} run {run.info.run_id} has no FINISHED child runs to ensemble")
+    return [rid for k in kids for rid in model_runs(client, k)]
 
 
 def select_runs(client, args: argparse.Namespace) -> list[tuple[object, str]]:
@@ -60,8 +89,7 @@ def select_runs(client, args: argparse.Namespace) -> list[tuple[object, str]]:
                 run = client.get_run(rid)
             except MlflowException as exc:
                 raise PromoteError(f"run {rid} does not exist in this tracking store ({exc})") from exc
-            metric = args.metric or ("cv_jaccard" if run.data.tags.get("cloudseg.kind") == "cv"
-                                     else "best_val_jaccard")
+            metric = args.metric or default_metric(run)
             if run.info.status != "FINISHED":
                 raise PromoteError(f"run {rid} is {run.info.status}, not FINISHED: only completed runs are promoted")
             if metric not in run.data.metrics:
@@ -83,7 +111,9 @@ def select_runs(client, args: argparse.Namespace) -> list[tuple[object, str]]:
     runs = client.search_runs(exp_ids, " and ".join(filters), max_results=5000,
                               order_by=[f"metrics.`{metric}` DESC"])
     runs = [r for r in runs if metric in r.data.metrics and "cloudseg.kind" in r.data.tags]
-    if metric == "cv_jaccard":
+    if metric.endswith("_mean"):
+        runs = [r for r in runs if r.data.tags["cloudseg.kind"] == "repeat"]
+    elif metric.startswith("cv_jaccard"):
         runs = [r for r in runs if r.data.tags["cloudseg.kind"] == "cv"]
     else:
         runs = [r for r in runs if r.data.tags["cloudseg.kind"] in ("train", "trial")]
@@ -93,29 +123,22 @@ def select_runs(client, args: argparse.Namespace) -> list[tuple[object, str]]:
     if not runs:
         raise PromoteError(f"no FINISHED run with metric {metric!r} in {where}; train or sweep first, or pass "
                            "--run-id")
-    usable = [r for r in runs if metric == "cv_jaccard" or has_checkpoint(client, r.info.run_id)]
+    usable = [r for r in runs if r.data.tags["cloudseg.kind"] in ("cv", "repeat")
+              or has_checkpoint(client, r.info.run_id)]
     if not usable:
         raise PromoteError(f"none of the {len(runs)} FINISHED runs in {where} has a checkpoint artifact")
     return [(r, metric) for r in usable[: args.top_k]]
 
 
 def fetch_members(client, chosen, dst: Path) -> list[Member]:
-    """Download each chosen run's checkpoint and config (a cv run contributes every fold's)."""
+    """Download each chosen run's checkpoints and configs (``model_runs``: a cv run contributes every fold's, a
+    repeat parent every child's)."""
     from cloudseg.tracking.runs import RunError, checkpoint_of, config_of
 
     members = []
     for run, metric in chosen:
         value = float(run.data.metrics[metric])
-        if run.data.tags.get("cloudseg.kind") == "cv":
-            folds = client.search_runs([run.info.experiment_id],
-                                       f"tags.mlflow.parentRunId = '{run.info.run_id}' and "
-                                       "attributes.status = 'FINISHED'")
-            if not folds:
-                raise PromoteError(f"cv run {run.info.run_id} has no FINISHED fold runs to ensemble")
-            sources = [f.info.run_id for f in sorted(folds, key=lambda f: int(f.data.tags.get("cloudseg.fold", 0)))]
-        else:
-            sources = [run.info.run_id]
-        for rid in sources:
+        for rid in model_runs(client, run):
             try:
                 local = checkpoint_of(rid, dst / rid)
                 config = config_of(rid).to_dict()

@@ -89,6 +89,11 @@ def resumable(run_id: str) -> tuple[Config, str]:
     return config_of(run_id), run.data.tags.get("cloudseg.kind", "train")
 
 
+def repeat_seeds(run_id: str) -> list[int]:
+    """The seeds a repeat parent runs (its tag ``cloudseg.seeds``)."""
+    return [int(s) for s in get_run(run_id).data.tags["cloudseg.seeds"].split(",")]
+
+
 # ---------------------------------------------------------------------- init_from
 # keys that do not change what a run learns: a finished run that differs only in these is the same pretraining
 _NOT_LEARNED = {"experiment", "run_name", "plot_chips", "num_threads", "num_workers", "device"}
@@ -196,7 +201,7 @@ def _log_fit(run_id: str, cfg: Config, split: ValidatedSplit, result: FitResult)
         client.log_artifact(run_id, str(tmp / "per_chip_jaccard.csv"))
         plots.learning_curve(result.history, tmp / "learning_curve.png")
         ids = list(result.final_eval.probs)
-        plots.prediction_overlays([split.images[c] for c in ids], [split.masks[c] for c in ids],
+        plots.prediction_overlays([split.image(c) for c in ids], [split.mask(c) for c in ids],
                                   [result.final_eval.probs[c] for c in ids], result.threshold, ids,
                                   tmp / "predictions.png")
         client.log_artifact(run_id, str(tmp / "learning_curve.png"), "plots")
@@ -238,7 +243,8 @@ def train_fold(cfg: Config, root: Path, split: ValidatedSplit, kind: str = "trai
         client.set_tag(run_id, "cloudseg.proc", tracking.process_tag())
     else:
         fp = tracking.data_fingerprint(root, "train", split.own_ids)
-        run_tags = {"cloudseg.data_fingerprint": fp, "cloudseg.fold": str(cfg.fold), "cloudseg.data": str(root)}
+        run_tags = {"cloudseg.data_fingerprint": fp, "cloudseg.fold": str(cfg.fold), "cloudseg.data": str(root),
+                    "cloudseg.data_mode": "memory" if split.in_memory else "disk"}
         run_tags.update(tags or {})
         run_id = start_run(cfg, kind, run_tags, parent_run_id)
     import torch
@@ -257,7 +263,8 @@ def train_fold(cfg: Config, root: Path, split: ValidatedSplit, kind: str = "trai
 
 
 def cross_validate(cfg: Config, root: Path, split: ValidatedSplit, resume_run_id: str | None = None,
-                   init_weights: Path | None = None) -> RunOutcome:
+                   init_weights: Path | None = None, tags: dict | None = None,
+                   parent_run_id: str | None = None) -> RunOutcome:
     """Train every fold as a child of one ``cv`` parent run; log pooled out-of-fold ``cv_jaccard``.
 
     The pooled figure uses each fold's kept model at the configured threshold: with ``keep=last`` and
@@ -276,7 +283,8 @@ def cross_validate(cfg: Config, root: Path, split: ValidatedSplit, resume_run_id
     else:
         parent = start_run(cfg, "cv", {"cloudseg.data": str(root),
                                        "cloudseg.data_fingerprint": tracking.data_fingerprint(root, "train",
-                                                                                               split.own_ids)})
+                                                                                               split.own_ids),
+                                       **(tags or {})}, parent_run_id)
     t0 = time.time()
     with tracking.run_status(parent):
         rows = []
@@ -311,3 +319,60 @@ def cross_validate(cfg: Config, root: Path, split: ValidatedSplit, resume_run_id
             client.log_artifact(parent, str(Path(tmp) / "cv_per_chip.csv"))
     print(json.dumps({"cv_run_id": parent, **metrics}, indent=2), flush=True)
     return RunOutcome(parent, None, metrics)
+
+
+# ---------------------------------------------------------------------- repeats over seeds
+REPEATED = ("best_val_jaccard", "cv_jaccard", "cv_jaccard_clean")  # children's figures a repeat parent summarises
+
+
+def repeat(cfg: Config, root: Path, split: ValidatedSplit, seeds: list[int], resume_run_id: str | None = None,
+           init_weights: Path | None = None) -> RunOutcome:
+    """The same config once per seed (a cv or a single run each), as children of one ``repeat`` parent, which logs
+    ``<metric>_mean``, ``_sd``, ``_ci_low`` and ``_ci_high`` (95% t interval of the mean) of each figure.
+
+    Resuming the parent skips its FINISHED children and resumes the others.
+    """
+    from cloudseg.stats import mean_sd_ci
+
+    client = MlflowClient()
+    children: dict[int, object] = {}
+    if resume_run_id:
+        parent = resume_run_id
+        client.update_run(parent, status="RUNNING")
+        exp = client.get_run(parent).info.experiment_id
+        for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'"):
+            children[int(r.data.tags["cloudseg.seed"])] = r
+    else:
+        parent = start_run(cfg, "repeat", {"cloudseg.seeds": ",".join(map(str, seeds)), "cloudseg.data": str(root),
+                                           "cloudseg.data_fingerprint": tracking.data_fingerprint(
+                                               root, "train", split.own_ids)})
+    figures: dict[str, list[float]] = {}
+    with tracking.run_status(parent):
+        for seed in seeds:
+            scfg = apply_overrides(cfg, {"seed": seed}, "--seeds")
+            if scfg.mix_synthetic:  # which synthetic chips join depends on the seed
+                root, split = sources.load_split(scfg)
+            old = children.get(seed)
+            if old is not None and old.info.status == "FINISHED":
+                metrics = old.data.metrics
+            else:
+                again = old.info.run_id if old is not None else None
+                tags = {"cloudseg.seed": str(seed)}
+                if cfg.cv:
+                    out = cross_validate(scfg, root, split, again, init_weights, tags, parent)
+                else:
+                    out = train_fold(scfg, root, split, "train", tags, parent, resume_run_id=again,
+                                     init_weights=init_weights)
+                metrics = out.metrics
+                print(f"run_id={out.run_id} seed={seed}", flush=True)
+            for name in REPEATED:
+                if name in metrics:
+                    figures.setdefault(name, []).append(float(metrics[name]))
+        summary = {"seeds": float(len(seeds))}
+        for name, values in figures.items():
+            mean, sd, lo, hi = mean_sd_ci(values)
+            summary.update({f"{name}_mean": mean, f"{name}_sd": sd, f"{name}_ci_low": lo, f"{name}_ci_high": hi})
+        for k, v in summary.items():
+            client.log_metric(parent, k, float(v))
+        tracking.log_json(parent, {"seeds": seeds, "figures": figures}, "repeat.json")
+    return RunOutcome(parent, None, summary)

@@ -12,6 +12,7 @@ import re
 import socket
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -234,7 +235,9 @@ def claim_trial(study: optuna.Study, storage_url: str, n_trials: int) -> bool:
     with _slot_lock(storage_url) as locked:
         if not locked:
             return in_flight(study) < n_trials
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
         waiting = _unclaimed(study)
         if not waiting:
             if in_flight(study) >= n_trials:
@@ -281,7 +284,6 @@ def figures(study: optuna.Study, out_dir: Path) -> dict[str, str]:
         "intermediate_values": ovm.plot_intermediate_values,
     }
     done = {}
-    import warnings
 
     for name, fn in makers.items():
         try:
