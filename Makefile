@@ -11,6 +11,15 @@ DEPS_HASH := $(shell cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)
 HOST ?= 127.0.0.1
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
+# No phoning home unasked (README "Privacy / telemetry"): the switches cloudseg/__init__.py sets, for the
+# executables ui/dashboard/lab run directly. CLOUDSEG_TELEMETRY=1 leaves the libraries' own defaults.
+ifeq ($(filter 1 true yes on TRUE YES ON,$(CLOUDSEG_TELEMETRY)),)
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export NO_ALBUMENTATIONS_UPDATE ?= 1
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+LAB_PRIVACY := --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate --LabApp.news_url=None \
+  --LabApp.extension_manager=readonly
+endif
 
 .PHONY: help setup demo test test-fast ui dashboard lab runtime-env real-best clean-stores
 
@@ -48,7 +57,7 @@ dashboard: setup  ## optuna-dashboard for optuna.db
 	$(VENV)/bin/optuna-dashboard --host $(HOST) --port 8080 sqlite:///$(CURDIR)/optuna.db
 
 lab: setup  ## Jupyter Lab on the notebooks
-	$(VENV)/bin/jupyter lab --ip $(HOST) --no-browser $(if $(filter 0,$(shell id -u)),--allow-root,) notebooks/
+	$(VENV)/bin/jupyter lab --ip $(HOST) --no-browser $(if $(filter 0,$(shell id -u)),--allow-root,) $(LAB_PRIVACY) notebooks/
 
 runtime-env:  ## .venv-runtime: the competition runtime's Python 3.9 and pinned packages
 	bash scripts/make_runtime_env.sh

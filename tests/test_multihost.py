@@ -277,3 +277,36 @@ def test_two_hosts_share_a_study_and_survive_sigkill(postgres, mlflow_server, ml
     print(f"hosts={'netns ' + ', '.join(h.address for h in net.hosts) if net else 'loopback'} "
           f"trials={len(trials)} (complete={len(complete)}, killed={len(killed)}, surplus={len(surplus)}) "
           f"child_runs={len(child)} parent_runs={len(parents) + 1} restarts={len(restarted)} wall_s={wall:.1f}")
+
+
+def _as_a_user(env: dict[str, str]) -> dict[str, str]:
+    """The child's environment as on a user's machine: no CI, no pytest marker, no telemetry switches of ours, so
+    MLflow's telemetry is on unless cloudseg itself turns it off."""
+    drop = {"CI", "PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK",
+            "NO_ALBUMENTATIONS_UPDATE", "HF_HUB_DISABLE_TELEMETRY"}
+    return {k: v for k, v in env.items() if k not in drop}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_two_workers_outside_ci_end_with_exactly_the_trials(postgres, mlflow_server, mlflow_uri, space, tiny_data,
+                                                            tmp_path):
+    """Two workers of one 4-trial study on PostgreSQL + an MLflow server, with CI unset: the command exits 0 and
+    the study holds exactly 4 trials, all COMPLETE, none FAIL (no telemetry race, no surplus trial).
+    ``CLOUDSEG_REHEARSALS=N`` repeats it N times, each on a new study."""
+    reps = int(os.environ.get("CLOUDSEG_REHEARSALS", "1"))
+    postgres.create_database("outside_ci")
+    storage = postgres.url("outside_ci")
+    seen = []
+    for rep in range(reps):
+        name = f"outside-ci-{rep}"
+        res = subprocess.run(_sweep(name, storage, space, tiny_data, 4, "--workers", "2"), capture_output=True,
+                             text=True, env=_as_a_user(_env(tmp_path, mlflow_uri)), timeout=1200)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert "_MLFLOW_TELEMETRY_SESSION_ID" not in res.stderr
+        study = optuna.load_study(study_name=name, storage=storage)
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == 4, states
+        assert len(states) == 4 and TrialState.FAIL not in states, states
+        seen.append(len(states))
+    print(f"rehearsals={reps} trials={seen} fail=0")

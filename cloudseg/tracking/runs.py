@@ -302,6 +302,7 @@ def cross_validate(cfg: Config, root: Path, split: ValidatedSplit, resume_run_id
             per["fold"] = fold
             rows.append(per)
         oof = pd.concat(rows, ignore_index=True)
+        oof["location"] = split.metadata.loc[oof["chip_id"], "location"].to_numpy()
         acc = JaccardAccumulator()
         for r in oof.itertuples():
             acc.add_counts(r.chip_id, r.intersection_fixed, r.union_fixed)
