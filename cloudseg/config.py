@@ -42,7 +42,7 @@ class Config:
     # --- optimisation
     loss: str = "0.5*bce+0.5*dice"  # loss names with weights, see cloudseg.losses
     epochs: int = 8  # maximum epochs
-    batch_size: int = 8  # training batch (chips or crops)
+    batch_size: int = 8  # training batch (chips or crops); under torchrun the global batch, split over the ranks
     val_batch_size: int = 4  # validation batch (full chips)
     crop_size: int = 256  # random training crop; 0 = full 512 chips
     aug_strength: float = 0.0  # 0 = flips/rotations/crop only; up to 1 adds affine warps, blur, brightness gain
@@ -60,7 +60,8 @@ class Config:
     precision: str = "auto"  # auto = fp16 AMP on CUDA, bf16 autocast on CPUs with native bf16 (else fp32)
     channels_last: str = "auto"  # NHWC memory format: auto = on CUDA and with CPU bf16; off for fp32 on CPU (slower)
     num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default (all cores)
-    num_workers: int = 0  # DataLoader workers; chips are in memory, so 0 is usually fastest on 2 cores
+    num_workers: int = 0  # DataLoader workers (per rank); 0 is fastest on 2 cores with chips in memory
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over every rank's batch (SyncBatchNorm)
     seed: int = 0  # seeds python, numpy and torch; also shuffles which locations share a fold
     # --- sweeps (experiments/sweep.py)
     pruner: str = "median"  # median | hyperband | none; fed with val_jaccard after each epoch

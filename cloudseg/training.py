@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from cloudseg.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+from cloudseg import distributed as dist
+from cloudseg.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint, unwrap
 from cloudseg.config import Config
 from cloudseg.data.dataset import ChipDataset
 from cloudseg.data.transforms import Normalization, build_train_transform
@@ -70,10 +71,13 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` = CUDA where available; under torchrun each rank takes the GPU of its local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda but no CUDA device is available; use device=auto or device=cpu")
+    if name == "cuda" and dist.active():
+        return torch.device("cuda", dist.local_rank())
     return torch.device(name)
 
 
@@ -174,9 +178,11 @@ def evaluate(
     channels_last: bool = True,
     keep_probs: set[str] | None = None,
 ) -> EvalResult:
-    """Competition Jaccard of ``model`` on ``dataset`` (full chips), plus a threshold sweep."""
+    """Competition Jaccard of ``model`` on ``dataset`` (full chips), plus a threshold sweep. Under torchrun each
+    rank passes its shard of the chips and every rank gets the counts of all of them."""
     model.eval()
     acc, sweep, kept = JaccardAccumulator(), ThresholdSweep(), {}
+    local, local_kept = acc, kept
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for batch in loader:
         x = batch["image"].to(device)
@@ -191,6 +197,13 @@ def evaluate(
             acc.add(chip_id, (p >= threshold).astype(np.uint8), m)
             if keep_probs and chip_id in keep_probs:
                 kept[chip_id] = p.astype(np.float16)
+    if dist.active():  # each rank scored its shard: sum the counts, so the figure is one process's figure
+        sweep.pos, sweep.neg = dist.sum_arrays(sweep.pos, sweep.neg)
+        acc, kept = JaccardAccumulator(), {}
+        for per, probs in dist.gather((local.per_chip(), local_kept)):
+            for r in per.itertuples():
+                acc.add_counts(r.chip_id, r.intersection, r.union)
+            kept.update(probs)
     try:
         j = acc.score()
     except ValueError:  # no cloud anywhere in this fold nor predicted: perfect by convention of "nothing to find"
@@ -240,20 +253,32 @@ class Trainer:
         model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if dist.active():
+            if cfg.sync_bn:
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.model = model
         self.loss_fn = build_loss(cfg.loss)
-        transform = build_train_transform(cfg.crop_size or None, cfg.aug_strength, seed=cfg.seed)
+        rank, world = dist.rank(), dist.world()
+        if cfg.batch_size % world:
+            raise ValueError(f"batch_size={cfg.batch_size} is the global batch: it must divide by the {world} ranks")
+        # each rank augments with its own seed (rank 0's is the config's: one process draws what it always drew)
+        transform = build_train_transform(cfg.crop_size or None, cfg.aug_strength, seed=cfg.seed + rank)
         self.transform = transform
         self.train_ds = ChipDataset(self.split, self.train_ids, transform, self.normalization)
-        self.val_ds = ChipDataset(self.split, self.val_ids, None, self.normalization)
+        self.val_ds = ChipDataset(self.split, self.val_ids[rank::world], None, self.normalization)
         n = len(self.train_ds)
         per_epoch = cfg.steps_per_epoch or max(1, n // cfg.batch_size if n >= cfg.batch_size else 1)
         self.steps_per_epoch = per_epoch
         self.generator = torch.Generator().manual_seed(cfg.seed)
         sampler = RandomSampler(self.train_ds, replacement=n < per_epoch * cfg.batch_size,
                                 num_samples=per_epoch * cfg.batch_size, generator=self.generator)
-        self.train_loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                       num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+        if world > 1:  # every rank draws the same global epoch and trains on its share of each global batch
+            sampler = dist.ShardSampler(sampler, rank, world)
+        self.train_loader = DataLoader(self.train_ds, batch_size=cfg.batch_size // world, sampler=sampler,
+                                       drop_last=True, num_workers=cfg.num_workers,
+                                       persistent_workers=cfg.num_workers > 0)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = make_scheduler(cfg, self.optimizer, per_epoch)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16 and self.device.type == "cuda")
@@ -288,20 +313,28 @@ class Trainer:
             n_chips += x.shape[0]
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         dt = time.perf_counter() - t0
+        if dist.active():  # the run's loss and throughput, over every rank's chips
+            total, = dist.sum_arrays(np.array([float(np.sum(losses)), float(len(losses)), float(n_chips)]))
+            return {"train_loss": total[0] / total[1], "chips_per_s": total[2] / dt,
+                    "lr": self.optimizer.param_groups[0]["lr"]}
         return {"train_loss": float(np.mean(losses)), "chips_per_s": n_chips / dt,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
     def _checkpoint(self, epoch: int, threshold: float, metrics: dict) -> dict:
-        return make_checkpoint(self.model, self.model_args, self.normalization.to_dict(), threshold,
+        return make_checkpoint(unwrap(self.model), self.model_args, self.normalization.to_dict(), threshold,
                                self.cfg.to_dict(), epoch, metrics)
 
     def _save_state(self, epoch: int, best: float, best_epoch: int, history: list[dict], since_best: int) -> None:
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+               "sampler": self.generator.get_state(), "augment": self._augment_rng()}
+        ranks = dist.gather(rng)  # each rank's own generators (rank 0's alone without torchrun)
+        if not dist.is_main():
+            return
         state = {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": epoch, "best": best, "best_epoch": best_epoch, "history": history, "since_best": since_best,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "sampler": self.generator.get_state(), "augment": self._augment_rng()},
+            "rng": ranks[0], "rng_ranks": ranks, "world_size": dist.world(),
             "config": self.cfg.to_dict(),
         }
         tmp = self.state_dir / "last.pt.tmp"
@@ -313,15 +346,17 @@ class Trainer:
         if not path.is_file():
             return None
         state = torch.load(path, map_location="cpu", weights_only=False)
-        self.model.load_state_dict(state["model"])
+        unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        self.generator.set_state(state["rng"]["sampler"])
-        saved = state["rng"].get("augment")
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        rng = ranks[dist.rank()] if len(ranks) == dist.world() else state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self.generator.set_state(rng["sampler"])
+        saved = rng.get("augment")
         holders = augment_rng_holders(self.transform)
         if saved and len(saved) == len(holders):
             for t, (np_state, py_state) in zip(holders, saved):
@@ -362,8 +397,9 @@ class Trainer:
                 metrics["val_jaccard"] = ev.jaccard
                 if ev.jaccard > best or cfg.keep == "last":
                     best, best_epoch, since_best, kept_ev = ev.jaccard, epoch, 0, ev
-                    save_checkpoint(self._checkpoint(epoch, cfg.threshold, {"val_jaccard": ev.jaccard}),
-                                    self.state_dir / "best.pt")
+                    if dist.is_main():
+                        save_checkpoint(self._checkpoint(epoch, cfg.threshold, {"val_jaccard": ev.jaccard}),
+                                        self.state_dir / "best.pt")
                 else:
                     since_best += 1
             history.append(metrics)
@@ -371,14 +407,16 @@ class Trainer:
                 cb(epoch, dict(metrics))
             self._save_state(epoch, best, best_epoch, history, since_best)
             val = f"val_jaccard={metrics['val_jaccard']:.4f} " if validated else ""
-            print(f"epoch {epoch}/{cfg.epochs} train_loss={metrics['train_loss']:.4f} {val}"
-                  f"chips/s={metrics['chips_per_s']:.2f}", flush=True)
+            if dist.is_main():
+                print(f"epoch {epoch}/{cfg.epochs} train_loss={metrics['train_loss']:.4f} {val}"
+                      f"chips/s={metrics['chips_per_s']:.2f}", flush=True)
             if validated and cfg.early_stopping and since_best >= cfg.early_stopping:
                 stopped_early = True
                 break
         # The kept model's evaluation (again only when it was kept before a resume), the threshold, the checkpoint.
+        dist.barrier()  # rank 0 has written best.pt
         ckpt = load_checkpoint(self.state_dir / "best.pt")
-        self.model.load_state_dict(ckpt["state_dict"])
+        unwrap(self.model).load_state_dict(ckpt["state_dict"])
         if kept_ev is not None and ckpt.get("epoch") == best_epoch:
             ev = kept_ev
         else:
@@ -396,7 +434,10 @@ class Trainer:
                           self.channels_last, keep_probs=plot_ids)
         final = self._checkpoint(ckpt["epoch"], threshold, {"best_val_jaccard": best, "val_jaccard_at_threshold":
                                                             ev.jaccard})
-        path = save_checkpoint(final, self.state_dir / "best.pt")
+        path = self.state_dir / "best.pt"
+        if dist.is_main():
+            save_checkpoint(final, path)
+        dist.barrier()
         return FitResult(best, best_epoch, threshold, epoch, stopped_early, history, path, ev, fixed,
                          time.perf_counter() - t_start)
 

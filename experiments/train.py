@@ -3,6 +3,7 @@
     python experiments/train.py --config experiments/configs/default.yaml [--set key=value]... [--data DIR]
     python experiments/train.py ... --seeds 0,1,2       # one repeat parent, a child run per seed
     python experiments/train.py --resume RUN_ID
+    torchrun --nproc_per_node=N experiments/train.py ...   # one run over N ranks (rank 0 talks to MLflow)
 
 One run, one path: the config (loaded, or the interrupted run's own), the starting weights (``init_from``,
 resolved before any run opens; a pretraining named by a YAML config is trained first, as its own run), the data
@@ -16,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cloudseg.config import ConfigError, load_config
+from cloudseg.config import Config, ConfigError, load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +42,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def prepare(args: argparse.Namespace, cfg: Config) -> tuple[Config, str, list[int] | None, Path | None]:
+    """Everything that asks MLflow before a run opens (rank 0 alone under torchrun): the resumed run's own
+    config, the experiment, a pretraining named by a YAML config (trained first, as its own run), the starting
+    weights, and the repair of runs left RUNNING by dead processes."""
+    from cloudseg import tracking
+    from cloudseg.tracking import runs
+
+    kind = "repeat" if args.seeds else "cv" if cfg.cv else "train"
+    seeds = args.seeds
+    if args.resume:
+        tracking.connect()
+        cfg, kind = runs.resumable(args.resume)
+        if kind == "repeat":
+            seeds = runs.repeat_seeds(args.resume)
+    exp_id = tracking.setup(cfg.experiment)
+    if not args.resume:
+        runs.ensure_pretraining(cfg.init_from)
+    init_weights = runs.resolve_init(cfg.init_from)
+    tracking.close_stale_runs([exp_id])
+    return cfg, kind, seeds, init_weights
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -48,30 +71,36 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    from cloudseg import distributed as dist
     from cloudseg import tracking
     from cloudseg.data import sources
     from cloudseg.data.validate import DatasetError
     from cloudseg.tracking import runs
 
-    tracking.echo_stores()
-    kind = "repeat" if args.seeds else "cv" if cfg.cv else "train"
-    seeds = args.seeds
-    try:
-        if args.resume:
-            tracking.connect()
-            cfg, kind = runs.resumable(args.resume)
-            if kind == "repeat":
-                seeds = runs.repeat_seeds(args.resume)
-        exp_id = tracking.setup(cfg.experiment)
-        if not args.resume:
-            runs.ensure_pretraining(cfg.init_from)
-        init_weights = runs.resolve_init(cfg.init_from)
-        tracking.close_stale_runs([exp_id])
-        root, split = sources.load_split(cfg)
-        sources.fold_ids(cfg, split)  # a fold that cannot be made fails here, before any run opens
-    except (ConfigError, runs.RunError, DatasetError, FileNotFoundError, ValueError) as exc:
-        what = f"--resume {args.resume}" if args.resume else "error"
-        print(f"{what}: {exc}", file=sys.stderr)
+    dist.setup()  # torchrun: join the process group; a plain run: nothing
+    refused = (ConfigError, runs.RunError, DatasetError, FileNotFoundError, ValueError)
+    what = f"--resume {args.resume}" if args.resume else "error"
+    problem, prepared = None, None
+    if dist.is_main():
+        tracking.echo_stores()
+        try:
+            prepared = prepare(args, cfg)
+        except refused as exc:
+            problem = f"{what}: {exc}"
+    problem, prepared = dist.broadcast((problem, prepared))
+    if problem is None:
+        cfg, kind, seeds, init_weights = prepared
+        if kind == "repeat" and dist.active():
+            problem = "error: --seeds under torchrun: start one torchrun job per seed (--set seed=S)"
+        try:
+            root, split = sources.load_split(cfg)
+            sources.fold_ids(cfg, split)  # a fold that cannot be made fails here, before any run opens
+        except refused as exc:
+            problem = problem or f"{what}: {exc}"
+    if problem:
+        if dist.is_main():
+            print(problem, file=sys.stderr)
+        dist.teardown()
         return 2
     if kind == "repeat":
         out = runs.repeat(cfg, root, split, seeds, resume_run_id=args.resume, init_weights=init_weights)
@@ -79,9 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         out = runs.cross_validate(cfg, root, split, resume_run_id=args.resume, init_weights=init_weights)
     else:
         out = runs.train_fold(cfg, root, split, kind, resume_run_id=args.resume, init_weights=init_weights)
-    print(f"run_id={out.run_id}")
-    for k, v in out.metrics.items():
-        print(f"{k}={v:.6f}" if isinstance(v, float) else f"{k}={v}")
+    main_rank = dist.is_main()
+    dist.teardown()
+    if main_rank:
+        print(f"run_id={out.run_id}")
+        for k, v in out.metrics.items():
+            print(f"{k}={v:.6f}" if isinstance(v, float) else f"{k}={v}")
     return 0
 
 

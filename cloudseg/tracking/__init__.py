@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import mlflow
 from mlflow.entities import RunStatus
@@ -147,9 +147,12 @@ def _process_alive(tag: str) -> bool | None:
 def base_tags(kind: str) -> dict[str, str]:
     import torch
 
+    from cloudseg import distributed
+
     commit, dirty = git_info()
     return {
         "cloudseg.kind": kind,
+        "cloudseg.world_size": str(distributed.world()),
         "cloudseg.git_commit": commit,
         "cloudseg.git_dirty": str(dirty).lower(),
         "cloudseg.version": cloudseg.__version__,
@@ -190,18 +193,26 @@ def close_stale_runs(experiment_ids: list[str] | None = None, extra_dead: set[st
 
 
 @contextlib.contextmanager
-def run_status(run_id: str, killed: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+def run_status(run_id: str, killed: tuple[type[BaseException], ...] = (),
+               failure: Callable[[], str | None] | None = None) -> Iterator[None]:
     """End ``run_id`` FINISHED on success, KILLED on interruption (Ctrl-C, SIGTERM) or on an exception of the
-    ``killed`` types (e.g. a pruned trial), FAILED on any other error."""
+    ``killed`` types (e.g. a pruned trial), FAILED on any other error. ``failure`` says why an interruption is a
+    failure after all (under torchrun: another rank raised, and torchrun stopped this one)."""
     client = MlflowClient()
     try:
         with sigterm_as_interrupt():
             yield
     except (KeyboardInterrupt, *killed):
-        client.set_terminated(run_id, "KILLED")
+        why = failure() if failure is not None else None
+        if why:
+            client.set_tag(run_id, "cloudseg.error", why[:4000])
+            client.set_terminated(run_id, "FAILED")
+        else:
+            client.set_terminated(run_id, "KILLED")
         raise
     except BaseException as exc:
-        client.set_tag(run_id, "cloudseg.error", f"{type(exc).__name__}: {exc}"[:4000])
+        why = (failure() if failure is not None else None) or f"{type(exc).__name__}: {exc}"
+        client.set_tag(run_id, "cloudseg.error", why[:4000])
         client.set_terminated(run_id, "FAILED")
         raise
     else:

@@ -21,6 +21,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from cloudseg import distributed as dist
 from cloudseg import tracking
 from cloudseg.config import Config, ConfigError, apply_overrides, load_config
 from cloudseg.data import sources
@@ -234,7 +235,10 @@ def train_fold(cfg: Config, root: Path, split: ValidatedSplit, kind: str = "trai
                resume_run_id: str | None = None, killed: tuple[type[BaseException], ...] = (),
                on_start=None, init_weights: Path | None = None) -> RunOutcome:
     """Train ``cfg.fold`` as one MLflow run, from ``init_weights`` (a checkpoint file) when given.
-    ``resume_run_id`` continues that run from its last state."""
+    ``resume_run_id`` continues that run from its last state. Under torchrun rank 0 owns the run and the other
+    ranks train beside it (``_follow_fold``)."""
+    if not dist.is_main():
+        return _follow_fold(cfg, split, init_weights)
     client = MlflowClient()
     train_ids, val_ids = sources.fold_ids(cfg, split)
     if resume_run_id:
@@ -254,12 +258,34 @@ def train_fold(cfg: Config, root: Path, split: ValidatedSplit, kind: str = "trai
           flush=True)
     if on_start is not None:
         on_start(run_id)
-    with tracking.run_status(run_id, killed):
+    dist.broadcast(run_id)
+    with tracking.run_status(run_id, killed, failure=lambda: _rank_failure(state_root() / run_id)):
         trainer = Trainer(cfg, split, train_ids, val_ids, state_root() / run_id,
                           [tracking.EpochLogger(run_id), *(callbacks or [])], init_weights=init_weights)
         result = trainer.fit()
         metrics = _log_fit(run_id, cfg, split, result)
     return RunOutcome(run_id, result, metrics)
+
+
+def _follow_fold(cfg: Config, split: ValidatedSplit, init_weights: Path | None) -> RunOutcome:
+    """A rank other than 0: train beside rank 0's run (its id broadcast), never touching MLflow; an error is left
+    in the state folder for rank 0 to end the run FAILED with."""
+    train_ids, val_ids = sources.fold_ids(cfg, split)
+    run_id = dist.broadcast(None)
+    state_dir = state_root() / run_id
+    try:
+        result = Trainer(cfg, split, train_ids, val_ids, state_dir, [], init_weights=init_weights).fit()
+    except BaseException as exc:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        dist.failure_marker(state_dir).write_text(f"rank {dist.rank()}: {type(exc).__name__}: {exc}"[:4000])
+        raise
+    return RunOutcome(run_id, result, {})
+
+
+def _rank_failure(state_dir: Path) -> str | None:
+    """The error another rank left before torchrun stopped this one, if any."""
+    found = sorted(state_dir.glob("rank*.failed")) if state_dir.is_dir() else []
+    return found[0].read_text() if found else None
 
 
 def cross_validate(cfg: Config, root: Path, split: ValidatedSplit, resume_run_id: str | None = None,
@@ -270,8 +296,15 @@ def cross_validate(cfg: Config, root: Path, split: ValidatedSplit, resume_run_id
     The pooled figure uses each fold's kept model at the configured threshold: with ``keep=last`` and
     ``tune_threshold=false`` nothing in it was chosen with the held-out labels.
     """
-    client = MlflowClient()
     n = sources.n_folds(cfg, split)
+    if not dist.is_main():  # train the folds rank 0 trains, beside it
+        skip = dist.broadcast(None)
+        for fold in range(n):
+            if fold not in skip:
+                train_fold(apply_overrides(cfg, {"fold": fold, "cv": False}, "cv"), root, split,
+                           init_weights=init_weights)
+        return RunOutcome(dist.broadcast(None), None, {})
+    client = MlflowClient()
     done: dict[int, str] = {}
     if resume_run_id:
         parent = resume_run_id
@@ -286,6 +319,7 @@ def cross_validate(cfg: Config, root: Path, split: ValidatedSplit, resume_run_id
                                                                                                split.own_ids),
                                        **(tags or {})}, parent_run_id)
     t0 = time.time()
+    dist.broadcast(set(done))
     with tracking.run_status(parent):
         rows = []
         for fold in range(n):
@@ -319,6 +353,7 @@ def cross_validate(cfg: Config, root: Path, split: ValidatedSplit, resume_run_id
             client.log_artifact(parent, str(Path(tmp) / "cv_by_location.csv"))
             client.log_artifact(parent, str(Path(tmp) / "cv_per_chip.csv"))
     print(json.dumps({"cv_run_id": parent, **metrics}, indent=2), flush=True)
+    dist.broadcast(parent)
     return RunOutcome(parent, None, metrics)
 
 
