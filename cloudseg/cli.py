@@ -36,17 +36,20 @@ def score(
 def validate(
     data: Path = typer.Argument(..., help="Folder in the competition layout."),
     split: str = typer.Option("train", help="Split prefix: train or test."),
+    deep: bool = typer.Option(False, "--deep", help="Decode every pixel (non-binary labels, damage inside a file); "
+                              "by default each file's header and last pixel, in parallel, cached by the files."),
 ) -> None:
     """Check every chip, label and metadata row of a split; list every problem found."""
     from cloudseg.data.validate import DatasetError, validate_split
 
     try:
-        result = validate_split(data, split)
+        result = validate_split(data, split, deep=deep)
     except DatasetError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1)
     n_loc = result.metadata["location"].nunique()
-    typer.echo(f"{data} [{split}]: {len(result.ids)} chips, {n_loc} locations, labels={result.has_labels}: ok")
+    typer.echo(f"{data} [{split}]: {len(result.ids)} chips, {n_loc} locations, labels={result.has_labels}, "
+               f"{'every pixel' if deep else 'headers'} checked: ok")
 
 
 @app.command("verify-submission")
@@ -57,6 +60,9 @@ def verify_submission_cmd(
     runtime: bool = typer.Option(False, "--runtime", help="Run main.py with .venv-runtime/bin/python."),
     python: Optional[Path] = typer.Option(None, "--python", help="Run main.py with this interpreter."),
     timeout: float = typer.Option(14400, "--timeout", help="Seconds main.py may run (the runtime allows 4 h)."),
+    allow_network_check_skip: bool = typer.Option(
+        False, "--allow-network-check-skip",
+        help="Where no network namespace can be made (unshare -n), run with the weaker audit-hook check only."),
 ) -> None:
     """Run a submission like the competition runtime (read-only data, no network, time limit) and check it."""
     from cloudseg.submission.verify import runtime_python, verify_submission
@@ -67,7 +73,7 @@ def verify_submission_cmd(
     try:
         interpreter = runtime_python() if runtime else python
         result = verify_submission(zip_path, features, labels=labels, python=interpreter, timeout=timeout,
-                                   echo=typer.echo)
+                                   echo=typer.echo, allow_network_check_skip=allow_network_check_skip)
     except FileNotFoundError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)
@@ -205,6 +211,108 @@ def audit_labels(
         audit.write_exclusion(ids, exclude_out, f"cloudseg audit-labels: {exclude_top} chips whose label disagrees "
                               "most with the out-of-fold prediction")
         typer.echo(f"exclusion file: {exclude_out} ({len(ids)} ids)")
+
+
+@app.command()
+def predict(
+    input_path: Path = typer.Argument(..., metavar="INPUT", help="Folder of B02.tif B03.tif B04.tif B08.tif (any "
+                                      "size, one grid), or one 4-band GeoTIFF in the band order B02,B03,B04,B08; "
+                                      "uint16 reflectance x 10,000, 0 in every band = nodata."),
+    model: str = typer.Option(..., "--model", help="Submission folder or zip (submissions/<name>[.zip]), a "
+                              "checkpoint .pt, an MLflow run id (a cv run: its folds' ensemble), or "
+                              "models:/<name>@<alias>."),
+    out: Path = typer.Option(..., "--out", help="GeoTIFF to write on the input's grid: uint8 1 cloud, 0 clear, "
+                             "255 nodata (tiled 512, deflate)."),
+    overlap: int = typer.Option(64, "--overlap", help="Pixels shared by neighbouring 512x512 windows (blended)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per forward (default: the "
+                                             "submission's, else 8)."),
+    tta: Optional[str] = typer.Option(None, "--tta", help="none, flip (or hflip, flip4, d4) (default: the "
+                                      "submission's, else flip)."),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Write the cloud probability 0-100."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Predict a cloud mask for a scene of any size with sliding, blended 512x512 windows."""
+    import tempfile
+
+    from cloudseg import predict as pr
+
+    ref_path = Path(model)
+    with tempfile.TemporaryDirectory(prefix="cloudseg-predict-") as tmp:
+        try:
+            dev = pr.pick_device(device)
+            if ref_path.exists():
+                ref = ref_path
+            elif model.startswith("models:/") or len(model) == 32:
+                from cloudseg.tracking.models import ModelRefError, resolve_model_ref
+
+                try:
+                    ref = resolve_model_ref(model, Path(tmp) / "ref")
+                except ModelRefError as exc:
+                    raise pr.PredictError(str(exc)) from exc
+            else:
+                raise pr.PredictError(f"--model {model}: no such submission folder, zip or checkpoint, and not an "
+                                      "MLflow run id or models:/<name>@<alias>")
+            ensemble = pr.load_reference(ref, dev, tmp)
+            typer.echo(f"models={len(ensemble.members)} bands={','.join(ensemble.bands)} tta={tta or ensemble.tta} "
+                       f"threshold={ensemble.threshold:.4f} device={dev}", err=True)
+            stats = pr.predict_scene(input_path, ensemble, out, overlap=overlap, batch_size=batch_size, tta=tta,
+                                     probabilities=probabilities, device=dev)
+        except pr.PredictError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+    typer.echo(f"wrote {out} windows={stats.windows} skipped_nodata={stats.skipped}")
+    typer.echo(f"throughput pixels_per_s={stats.pixels_per_s:.1f} pixels={stats.pixels} seconds={stats.seconds:.3f}")
+
+
+@app.command()
+def download(
+    dest: Path = typer.Option(..., "--dest", help="Folder to fill with the competition layout and download.json."),
+    split: str = typer.Option("all", "--split", help="train, test or all."),
+    source: Optional[str] = typer.Option(None, "--source", help="Base URL (or folder, file:// URL) holding public/ "
+                                         "and private/ (default: Source Cooperative's radiantearth/"
+                                         "cloud-cover-detection-challenge/final)."),
+    locations: Optional[str] = typer.Option(None, "--locations", help="Only these locations, comma-separated."),
+    max_chips: Optional[int] = typer.Option(None, "--max-chips", help="At most N chips per split, sampled by "
+                                            "location in proportion (seeded)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --max-chips sample."),
+    workers: int = typer.Option(8, "--workers", help="Parallel transfers."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print chips, files and bytes; fetch only the metadata."),
+) -> None:
+    """Download On Cloud N chips (or a mirror's) into the competition layout; a re-run resumes."""
+    from cloudseg.data import download as dl
+
+    source = source or dl.DEFAULT_SOURCE
+    try:
+        if dry_run:
+            rep = dl.dry_run(source, split, locations, max_chips, seed, workers, dest=dest)
+            for s in rep.chips:
+                typer.echo(f"{s}: {rep.chips[s]} chips, {rep.locations[s]} locations, {rep.files[s]} files")
+            if rep.bytes is None:
+                size = "unknown"
+            elif rep.estimated_from:
+                size = f"unknown (about {dl.human_bytes(rep.bytes)}, estimated from {rep.estimated_from} files)"
+            else:
+                size = f"{rep.bytes} ({dl.human_bytes(rep.bytes)})"
+            typer.echo(f"chips={sum(rep.chips.values())} files={sum(rep.files.values())} bytes={size}")
+            return
+        result = dl.download(dest, source, split, locations, max_chips, seed, workers)
+    except dl.DownloadUsageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    except dl.SourceError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1)
+    except dl.DownloadError as exc:
+        result = exc.result
+        typer.echo(f"error: {exc}", err=True)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: complete files were kept, partial ones removed; run again to resume", err=True)
+        raise typer.Exit(130)
+    for s, r in result.splits.items():
+        typer.echo(f"{s}: {len(r.complete_chips)}/{r.chips} chips complete, {r.downloaded} files downloaded, "
+                   f"{r.skipped} already complete, {dl.human_bytes(r.bytes)}")
+    typer.echo(f"wrote {dest / dl.MANIFEST}")
+    raise typer.Exit(0 if result.ok else 1)
 
 
 def main() -> None:  # pragma: no cover - console entry point

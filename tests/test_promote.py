@@ -192,3 +192,19 @@ def test_submission_carries_no_local_paths(store, tmp_path, capsys):
     assert stored["init_from"].startswith("sha256:")
     manifest = json.loads((out / "private" / "MANIFEST.json").read_text())
     assert manifest["config"][rid] == stored
+
+
+def test_promote_registers_a_model_version_and_moves_the_alias(store, capsys):
+    a = fake_run(store, 0.6)
+    assert promote.main(["--run-id", a, "--name", "reg"]) == 0
+    client = MlflowClient()
+    first = client.get_model_version_by_alias("reg", "champion")
+    assert str(first.version) == "1" and first.tags["cloudseg.run_ids"] == a
+    assert first.tags["cloudseg.zip_sha256"] == promote.sha256(store / "submissions" / "reg.zip")
+    b = fake_run(store, 0.7)
+    assert promote.main(["--run-id", b, "--name", "reg"]) == 0
+    assert str(client.get_model_version_by_alias("reg", "champion").version) == "2"
+    assert promote.main(["--run-id", a, "--name", "reg", "--alias", "staging"]) == 0
+    assert str(client.get_model_version_by_alias("reg", "staging").version) == "3"
+    assert str(client.get_model_version_by_alias("reg", "champion").version) == "2"
+    assert "models:/reg@staging" in capsys.readouterr().out

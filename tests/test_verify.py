@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import threading
 import zipfile
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from typer.testing import CliRunner
 from cloudseg.cli import app
 from cloudseg.data.io import BANDS, write_tif
 from cloudseg.submission import write_submission, zip_submission
+from cloudseg.submission import verify
 from cloudseg.submission.verify import check_sources, check_zip, verify_submission
 from tests.test_submission_main import save_tiny_checkpoint
 
@@ -124,7 +127,9 @@ def test_jaccard_hand_computed(tmp_path, data):
     ("shape", "wrong shape: {pred}/c1.tif: shape (511, 512), expected (512, 512)"),
     ("values", "bad values: {pred}/c1.tif: values [2] not in {{0, 1}}"),
     ("large", "too large: {pred}/c1.tif: "),
-    ("write_data", "main.py changed the read-only data: {data}/test_features/c0/B02.tif"),
+    # refused by the kernel (main.py runs unprivileged); the failure names the file
+    ("write_data", "main.py exited with status 1 (last line: PermissionError: [Errno 13] Permission denied: "
+                   "'{data}/test_features/c0/B02.tif')"),
     ("network", "main.py tried to use the network: cloudseg-network-guard: blocked socket.connect "
                 "('127.0.0.1', 9)"),
     ("crash", "main.py exited with status 3"),
@@ -211,3 +216,151 @@ def test_cli_exit_codes_for_bad_submission_and_missing_runtime(tmp_path, data, m
     result = CliRunner().invoke(app, ["verify-submission", str(stub_zip(tmp_path, "good")),
                                       "--features", str(data / "features"), "--runtime"])
     assert result.exit_code == 2 and "run make runtime-env" in result.output
+
+
+# ------------------------------------------------------------------------------------------- hostile main.py
+
+HOSTILE = '''import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+MODE, PORT = "{mode}", {port}
+root = os.environ["CLOUDSEG_ROOT"]
+feats = os.path.join(root, "data", "test_features")
+out = os.path.join(root, "predictions")
+for chip in sorted(d for d in os.listdir(feats) if not d.startswith(".")):
+    Image.fromarray(np.zeros((512, 512), dtype=np.uint8)).save(os.path.join(out, chip + ".tif"))
+if MODE == "secret":
+    print("seen DB=%r MLFLOW_TRACKING_URI=%r" % (os.environ.get("DB"), os.environ.get("MLFLOW_TRACKING_URI")))
+if MODE == "write":
+    with open(os.path.join(os.environ["HOME"], "cache.txt"), "w") as fh:  # the scratch home is writable
+        fh.write("ok")
+    with open(os.path.join(root, "stray.txt"), "w") as fh:
+        fh.write("outside predictions/")
+if MODE == "socket":
+    try:
+        socket.create_connection(("127.0.0.1", PORT), timeout=2).close()
+    except OSError as exc:
+        print("main connect refused: %s" % exc)
+    child = "import socket; socket.create_connection(('127.0.0.1', %d), timeout=2).close(); print('child in')"
+    r = subprocess.run([sys.executable, "-I", "-c", child % PORT], capture_output=True, text=True)
+    print("child: rc=%d %s" % (r.returncode, (r.stdout + r.stderr).strip().splitlines()[-1:]))
+'''
+
+
+def hostile_zip(tmp_path: Path, mode: str, port: int = 0) -> Path:
+    path = tmp_path / f"hostile-{mode}.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("main.py", HOSTILE.format(mode=mode, port=port))
+    return path
+
+
+@pytest.fixture
+def server():
+    """A TCP server on loopback counting the connections it accepts."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.settimeout(0.2)
+    accepted: list[tuple] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, addr = sock.accept()
+            except OSError:
+                continue
+            accepted.append(addr)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield sock.getsockname()[1], accepted
+    stop.set()
+    thread.join(timeout=5)
+    sock.close()
+
+
+@pytest.fixture(params=["namespace", "no_namespace"])
+def path(request, monkeypatch) -> str:
+    """Both ways verify runs: with a network namespace, and (simulated) where none can be made."""
+    if request.param == "no_namespace":
+        monkeypatch.setattr(verify, "UNSHARE", "cloudseg-no-such-unshare")
+    return request.param
+
+
+def run_hostile(tmp_path, data, mode, port=0, **kwargs):
+    lines: list[str] = []
+    result = verify_submission(hostile_zip(tmp_path, mode, port), data / "features", echo=lines.append,
+                               keep=tmp_path / "work", **kwargs)
+    return result, lines
+
+
+def test_no_namespace_fails_unless_the_weaker_check_is_accepted(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(verify, "UNSHARE", "cloudseg-no-such-unshare")
+    result, lines = run_verify(tmp_path, data, "good")
+    assert not result.ok and result.returncode is None  # main.py never ran
+    assert result.failures[0].startswith(
+        "no network namespace for main.py (network not isolated "
+        "(cloudseg-no-such-unshare -n: cloudseg-no-such-unshare not installed)")
+    assert "--allow-network-check-skip" in result.failures[0]
+    result, lines = run_verify(tmp_path, data, "good", allow_network_check_skip=True)
+    assert result.ok and lines[-1] == "checks passed"
+    assert any(ln.startswith("WARNING weaker check: network not isolated") for ln in lines[-4:-1])
+
+
+def test_secret_in_the_environment_is_withheld_and_named(tmp_path, data, path, monkeypatch):
+    monkeypatch.setenv("DB", "postgresql://cloudseg:hunter2@db/cloudseg")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.invalid:5000")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # on the allow-list: passed on
+    result, lines = run_hostile(tmp_path, data, "secret", allow_network_check_skip=path == "no_namespace")
+    assert result.ok, result.failures
+    assert "[main.py] seen DB=None MLFLOW_TRACKING_URI=None" in lines
+    assert not any("hunter2" in ln or "tracking.invalid" in ln for ln in lines)
+    (env_line,) = [ln for ln in lines if ln.startswith("user: ")]
+    withheld = env_line.split("withheld from main.py: ")[1].split(", ")
+    assert "DB" in withheld and "MLFLOW_TRACKING_URI" in withheld and "OMP_NUM_THREADS" not in withheld
+
+
+def test_write_outside_predictions_is_refused_and_named(tmp_path, data, path):
+    result, lines = run_hostile(tmp_path, data, "write", allow_network_check_skip=path == "no_namespace")
+    stray = tmp_path / "work" / "codeexecution" / "stray.txt"
+    assert not result.ok
+    if path == "namespace":  # runs as nobody: the kernel refuses, the failure names the file
+        assert result.failures == [f"main.py exited with status 1 (last line: PermissionError: [Errno 13] "
+                                   f"Permission denied: '{stray}')"]
+    else:  # no mount namespace here: main.py ran as root (said in the last lines); the file is found after
+        assert result.failures == [
+            f"main.py wrote outside predictions/ and the scratch home: {stray} (created)"]
+        assert any(ln.startswith("WARNING weaker check: main.py ran as root") for ln in lines)
+    assert (tmp_path / "work" / "home" / "cache.txt").read_text() == "ok"  # the scratch home is writable
+
+
+def test_write_outside_predictions_is_named_when_it_succeeds(tmp_path, data, monkeypatch):
+    """With a user the write is not refused to (root here), the scan after the run names the file."""
+    monkeypatch.setattr(verify, "UNPRIVILEGED_USER", "root")
+    result, _ = run_hostile(tmp_path, data, "write")
+    stray = tmp_path / "work" / "codeexecution" / "stray.txt"
+    assert result.failures == [f"main.py wrote outside predictions/ and the scratch home: {stray} (created)"]
+
+
+def test_socket_to_a_local_server_is_caught(tmp_path, data, server, path):
+    port, accepted = server
+    weaker = path == "no_namespace"
+    result, lines = run_hostile(tmp_path, data, "socket", port, allow_network_check_skip=weaker)
+    assert not result.ok
+    assert len(result.failures) == 1, result.failures  # main.py's own attempt, named by the audit hook
+    assert result.failures[0].startswith("main.py tried to use the network: cloudseg-network-guard: blocked "
+                                         "socket.getaddrinfo '127.0.0.1'")
+    if not weaker:  # the namespace has no interfaces: even the python -I child reaches nothing
+        assert accepted == []
+        assert any(ln.startswith("[main.py] child: rc=1") for ln in lines)
+    else:  # the audit hook alone misses a python -I child: reached the server, and verify says it was weaker
+        assert len(accepted) == 1
+        assert any("child in" in ln for ln in lines)
+        assert lines[-2].startswith("WARNING weaker check: ") and "python -I" in " ".join(lines[-3:])

@@ -12,14 +12,19 @@ A submission folder (what ``experiments/promote.py`` writes, and what ``main.py`
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 MAIN_TEMPLATE = Path(__file__).resolve().with_name("main.py")
 TTA_CHOICES = ("none", "hflip", "flip", "flip4", "d4")
-_SKIP_PARTS = {"__pycache__", ".ipynb_checkpoints", ".git"}
-_SKIP_SUFFIXES = {".pyc", ".pyo", ".tmp", ".partial"}
+# Left out of zips besides every name starting with '.' (.env, .git, .ipynb_checkpoints, ...).
+_SKIP_PARTS = {"__pycache__", "mlruns", "mlartifacts"}
+_SKIP_SUFFIXES = {".pyc", ".pyo", ".tmp", ".partial", ".db", ".sqlite"}
+_KEY_SUFFIXES = {".pem", ".key", ".p12", ".pfx"}
 
 
 def write_submission(
@@ -63,18 +68,99 @@ def write_submission(
     return folder
 
 
-def zip_submission(folder: Path | str, zip_path: Path | str) -> Path:
-    """Zip ``folder`` with ``main.py`` at the root and relative paths only; caches and temp files left out."""
+class SubmissionLinkError(ValueError):
+    """A symbolic link in a submission folder points outside it (zipping it would pack a foreign file)."""
+
+
+def submission_files(folder: Path | str) -> tuple[list[str], list[str]]:
+    """What ``zip_submission`` packs from ``folder`` and what it leaves out.
+
+    Packed: regular files, and links to regular files inside ``folder`` (as the file's contents). Left out:
+    dotfiles and dot-folders (``.env``, ``.git``, ...), notebooks, caches, temporary files, stores and key
+    files, links to folders, and anything that is not a regular file (sockets, pipes, devices).
+
+    Returns:
+        (packed, left_out): packed relative POSIX paths, sorted; left_out lines ``<path> (<why>)``.
+
+    Raises:
+        SubmissionLinkError: a symbolic link points outside ``folder`` (or nowhere); the message names it.
+    """
+    folder = Path(folder)
+    top = folder.resolve()
+    packed: list[str] = []
+    left_out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder):  # never descends into linked folders
+        here = Path(dirpath)
+        dirnames.sort()
+        for name in sorted(dirnames) + sorted(filenames):
+            path = here / name
+            rel = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                target = path.resolve()
+                if not target.exists() or not target.is_relative_to(top):
+                    raise SubmissionLinkError(
+                        f"{path} is a symbolic link to {os.readlink(path)}, outside {folder}: replace it "
+                        f"with a copy of the file it should hold, or remove it")
+            why = _left_out_because(name, path)
+            if name in dirnames:
+                if why or path.is_symlink():
+                    dirnames.remove(name)
+                    left_out.append(f"{rel}/ ({why or 'link to a folder'})")
+                continue
+            if why:
+                left_out.append(f"{rel} ({why})")
+            else:
+                packed.append(rel)
+    return sorted(packed), left_out
+
+
+def _left_out_because(name: str, path: Path) -> str:
+    """Why ``path`` does not belong in a submission zip; '' when it does."""
+    if name.startswith("."):
+        return "dotfile"
+    if name in _SKIP_PARTS:
+        return "cache or store"
+    suffix = Path(name).suffix.lower()
+    if suffix == ".ipynb":
+        return "notebook"
+    if suffix in _SKIP_SUFFIXES:
+        return "cache, temporary or store file"
+    if suffix in _KEY_SUFFIXES or "secret" in name.lower() or name.lower().startswith("credentials"):
+        return "key or secret"
+    if not path.is_dir() and not stat.S_ISREG(path.stat().st_mode):
+        return "not a regular file"
+    return ""
+
+
+def zip_submission(folder: Path | str, zip_path: Path | str,
+                   echo: Callable[[str], None] | None = print) -> Path:
+    """Zip ``folder`` with ``main.py`` at the root and relative paths only (see ``submission_files``).
+
+    Args:
+        echo: gets one line ``left out: <path> (<why>)`` per thing not packed; None for silence.
+
+    Returns:
+        The zip path. ``submission_files(folder)[1]`` lists what was left out.
+
+    Raises:
+        SubmissionLinkError: a symbolic link in ``folder`` points outside it; nothing is written.
+    """
     folder, zip_path = Path(folder), Path(zip_path)
     if not (folder / "main.py").is_file():
         raise FileNotFoundError(f"{folder / 'main.py'} does not exist: not a submission folder")
+    packed, left_out = submission_files(folder)
+    if "main.py" not in packed:
+        raise FileNotFoundError(f"{folder / 'main.py'} is not a regular file of the folder: {left_out}")
     zip_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = zip_path.with_suffix(zip_path.suffix + ".tmp")
+    skip = {zip_path.resolve(), tmp.resolve()}  # a zip written inside the folder does not pack itself
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(folder.rglob("*")):
-            rel = path.relative_to(folder)
-            if path.is_dir() or _SKIP_PARTS & set(rel.parts) or path.suffix in _SKIP_SUFFIXES:
-                continue
-            zf.write(path, rel.as_posix())
+        for rel in packed:
+            path = folder / rel
+            if path.resolve() not in skip:
+                zf.write(path.resolve(), rel)  # resolved: a link inside the folder goes in as its file
     tmp.replace(zip_path)
+    if echo is not None:
+        for line in left_out:
+            echo(f"left out: {line}")
     return zip_path

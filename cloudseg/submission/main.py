@@ -54,7 +54,7 @@ import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 # No hub downloads, ever: weights come only from assets/ (set before smp/timm are imported).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -444,8 +444,123 @@ def write_prediction(path: Path, mask: np.ndarray, compression: Optional[str] = 
 
 # --------------------------------------------------------------------------------------------------- pipeline
 
-class _Progress(object):
-    """Counts written chips and logs progress lines from any thread."""
+class Batch(NamedTuple):
+    """Chips read together: every chip has an id and a list of problems; only readable ones are in ``x``."""
+
+    ids: List[str]
+    problems: List[List[str]]  # per chip, appended to until its prediction is written
+    good: List[int]  # positions (in ids) of the chips stacked in x
+    x: Optional[torch.Tensor]  # raw reflectance (len(good), C, 512, 512) float32; None when none readable
+
+
+def safe_read(folder: Path, bands: Sequence[str]) -> Tuple[Optional[np.ndarray], List[str]]:
+    """``read_chip`` that never raises: a reader bug must not cost more than this chip."""
+    try:
+        return read_chip(folder, bands)
+    except Exception as exc:
+        return None, ["%s: unexpected read failure (%r)" % (folder, exc)]
+
+
+def make_batch(items: List[Tuple[str, Optional[np.ndarray], List[str]]], pin: bool) -> Batch:
+    """Stack the readable images of ``(chip, image, problems)`` items (pinned for a fast copy to CUDA)."""
+    good = [i for i, (_, image, _) in enumerate(items) if image is not None]
+    x = None
+    if good:
+        x = torch.from_numpy(np.stack([items[i][1] for i in good]))
+        if pin:
+            x = x.pin_memory()
+    return Batch([c for c, _, _ in items], [p for _, _, p in items], good, x)
+
+
+def read_batches(features: Path, chips: Sequence[str], bands: Sequence[str], batch_size: int,
+                 num_workers: int, io_init: Optional[Callable[[], None]]) -> Iterator[List[tuple]]:
+    """``(chip, image, problems)`` items in chip order, ``batch_size`` at a time (the last may be shorter).
+
+    ``num_workers`` threads read up to ``max(2 * batch_size, 2 * num_workers)`` chips ahead of the batch in
+    assembly, so the next batch is mostly decoded when the model asks for it.
+    """
+    ahead = max(2 * batch_size, 2 * num_workers)
+    with ThreadPoolExecutor(num_workers, thread_name_prefix="read", initializer=io_init) as readers:
+        window = deque(readers.submit(safe_read, features / c, bands) for c in chips[:ahead])
+        items = []  # type: List[tuple]
+        for i, chip in enumerate(chips):
+            image, problems = window.popleft().result()
+            if i + ahead < len(chips):
+                window.append(readers.submit(safe_read, features / chips[i + ahead], bands))
+            items.append((chip, image, problems))
+            if len(items) == batch_size or i == len(chips) - 1:
+                yield items
+                items = []
+
+
+class BatchReader(object):
+    """Reads batches on a producer thread, at most 3 ahead of the model; ``get()`` is None after the last."""
+
+    def __init__(self, features: Path, chips: Sequence[str], bands: Sequence[str], batch_size: int,
+                 num_workers: int, pin: bool, io_nice: bool) -> None:
+        self.queue = queue.Queue(maxsize=3)  # type: queue.Queue
+        self.error = None  # type: Optional[BaseException]
+        args = (features, chips, bands, batch_size, num_workers, pin, io_nice)
+        self.thread = threading.Thread(target=self._produce, args=args, name="producer", daemon=True)
+        self.thread.start()
+
+    def _produce(self, features: Path, chips: Sequence[str], bands: Sequence[str], batch_size: int,
+                 num_workers: int, pin: bool, io_nice: bool) -> None:
+        try:
+            if io_nice:
+                background_priority()
+            io_init = background_priority if io_nice else None
+            for items in read_batches(features, chips, bands, batch_size, num_workers, io_init):
+                self.queue.put(make_batch(items, pin))
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.queue.put(None)
+
+    def get(self) -> Optional[Batch]:
+        return self.queue.get()
+
+
+def predict_batch(batch: Batch, members: Sequence[Member], views: Sequence[View], threshold: float, amp: bool,
+                  device: torch.device) -> List[np.ndarray]:
+    """One mask per chip of ``batch``; all-zero (with a problem noted) where a chip has no usable prediction.
+
+    A batch whose forward fails (e.g. out of memory) is retried chip by chip. Shape of each mask: (512, 512).
+    """
+    masks = [np.zeros((CHIP_SIZE, CHIP_SIZE), dtype=np.uint8) for _ in batch.ids]
+    for i, problems in enumerate(batch.problems):
+        if i not in batch.good:
+            problems.append("no readable band: all-zero prediction")
+    if batch.x is None:
+        return masks
+    try:
+        out = predict_masks(members, batch.x.to(device, non_blocking=True), views, threshold, amp)
+        for j, i in enumerate(batch.good):
+            masks[i] = out[j]
+    except Exception as exc:
+        log("batch of %d chips failed (%s): retrying chip by chip" % (len(batch.good), _reason(exc)))
+        for j, i in enumerate(batch.good):
+            try:
+                masks[i] = predict_masks(members, batch.x[j:j + 1].to(device), views, threshold, amp)[0]
+            except Exception as exc2:
+                batch.problems[i].append("model failed (%s): all-zero prediction" % _reason(exc2))
+    return masks
+
+
+def save_prediction(path: Path, mask: np.ndarray, compression: Optional[str]) -> Optional[str]:
+    """``write_prediction`` with one retry (transient I/O errors); returns the problem when both fail."""
+    try:
+        try:
+            write_prediction(path, mask, compression)
+        except Exception:
+            write_prediction(path, mask, compression)
+    except Exception as exc:
+        return "%s: write failed (%r)" % (path, exc)
+    return None
+
+
+class Progress(object):
+    """Counts written chips and logs progress lines (chips, chips/s, time left) from any thread."""
 
     def __init__(self, total: int, start: float) -> None:
         self.total, self.start, self.done = total, start, 0
@@ -468,10 +583,61 @@ class _Progress(object):
                        _fmt_s(left) if left == left else "?"))
 
 
+class PredictionWriter(object):
+    """Writes masks on 2 threads, bounded backlog; logs each chip's problems once, then counts it done."""
+
+    def __init__(self, out_dir: Path, compression: Optional[str], backlog: int, progress: Progress,
+                 io_init: Optional[Callable[[], None]]) -> None:
+        self.out_dir, self.compression, self.progress = out_dir, compression, progress
+        self.slots = threading.BoundedSemaphore(backlog)  # bounds masks held in memory for a writer
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="write", initializer=io_init)
+        self.failed = []  # type: List[str]
+
+    def submit(self, chip: str, mask: np.ndarray, problems: List[str]) -> float:
+        """Queue one chip's mask; returns the seconds spent waiting for room in the backlog."""
+        t = time.time()
+        self.slots.acquire()
+        waited = time.time() - t
+        self.pool.submit(self._write, chip, mask, problems)
+        return waited
+
+    def _write(self, chip: str, mask: np.ndarray, problems: List[str]) -> None:
+        try:
+            failure = save_prediction(self.out_dir / (chip + ".tif"), mask, self.compression)
+        finally:
+            self.slots.release()
+        if failure:
+            problems = problems + [failure]
+            self.failed.append(chip)
+        if problems:
+            log("ERROR chip=%s %s" % (chip, "; ".join(problems)))
+        self.progress.add()
+
+    def __enter__(self) -> "PredictionWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def report_done(chips: Sequence[str], out_dir: Path, seconds: float, failed_writes: int,
+                timings: Dict[str, float]) -> List[str]:
+    """Log the summary and throughput lines; returns the chips without a prediction file."""
+    missing = [c for c in chips if not (out_dir / (c + ".tif")).is_file()]
+    log("done chips=%d predictions=%d missing=%d write_failures=%d seconds=%.1f compute_s=%.1f "
+        "wait_input_s=%.1f wait_output_s=%.1f"
+        % (len(chips), len(chips) - len(missing), len(missing), failed_writes, seconds, timings["compute"],
+           timings["wait_input"], timings["wait_output"]))
+    log("throughput chips_per_s=%.4f chips=%d seconds=%.3f"
+        % (len(chips) / max(seconds, 1e-9), len(chips), seconds))
+    if missing:
+        log("ERROR %d chip(s) have no prediction, e.g. %s" % (len(missing), missing[:10]))
+    return missing
+
+
 def run(root: Path, base: Path = HERE) -> int:
     """Predict every chip of ``root/data/test_features`` into ``root/predictions``; returns the exit code."""
-    features = root / "data" / "test_features"
-    out_dir = root / "predictions"
+    features, out_dir = root / "data" / "test_features", root / "predictions"
     if not features.is_dir():
         log("ERROR features folder %s does not exist" % features)
         return 1
@@ -485,152 +651,42 @@ def run(root: Path, base: Path = HERE) -> int:
     batch_size = max(1, int(config["batch_size"]))
     num_workers = max(1, int(config["num_workers"]))
     amp = bool(config.get("amp")) and device.type == "cuda"
-    compression = config.get("compression") or None
     chips = list_chips(features)
     log("models=%d [%s] bands=%s tta=%s(%d views) threshold=%.4f batch_size=%d readers=%d device=%s amp=%s "
         "torch_threads=%d load_s=%.1f torch=%s"
-        % (len(members), ", ".join(p.name for p in (m.path for m in members)), ",".join(bands), config["tta"],
-           len(views), threshold, batch_size, num_workers, device, amp, threads, time.time() - t_load,
-           torch.__version__))
+        % (len(members), ", ".join(m.path.name for m in members), ",".join(bands), config["tta"], len(views),
+           threshold, batch_size, num_workers, device, amp, threads, time.time() - t_load, torch.__version__))
     log("start chips=%d features=%s predictions=%s" % (len(chips), features, out_dir))
     if not chips:
         log("no chip folders in %s: nothing to do" % features)
         return 0
 
-    t0 = time.time()
-    progress = _Progress(len(chips), t0)
-    batches = queue.Queue(maxsize=3)  # type: queue.Queue
-    producer_error = []  # type: List[BaseException]
-    pin = device.type == "cuda"
     # see background_priority; on GPU the cores are free for I/O anyway. CLOUDSEG_IO_NICE=0 turns it off.
     io_nice = device.type == "cpu" and os.environ.get("CLOUDSEG_IO_NICE", "1") != "0"
-    io_init = background_priority if io_nice else None
-
-    def safe_read(chip: str) -> Tuple[Optional[np.ndarray], List[str]]:
-        try:
-            return read_chip(features / chip, bands)
-        except Exception as exc:  # a reader bug must not cost more than this chip
-            return None, ["%s: unexpected read failure (%r)" % (features / chip, exc)]
-
-    def make_batch(items: List[Tuple[str, Optional[np.ndarray], List[str]]]) -> Dict[str, Any]:
-        good = [i for i, (_, img, _) in enumerate(items) if img is not None]
-        x = None
-        if good:
-            x = torch.from_numpy(np.stack([items[i][1] for i in good]))
-            if pin:
-                x = x.pin_memory()
-        return {"ids": [c for c, _, _ in items], "problems": [p for _, _, p in items], "good": good, "x": x}
-
-    def produce() -> None:
-        try:
-            window = deque()  # type: deque
-            pending = iter(chips)
-            ahead = max(2 * batch_size, 2 * num_workers)  # chips being read ahead of the batch in assembly
-            if io_nice:
-                background_priority()
-            with ThreadPoolExecutor(num_workers, thread_name_prefix="read", initializer=io_init) as readers:
-                def submit_next() -> None:
-                    chip = next(pending, None)
-                    if chip is not None:
-                        window.append((chip, readers.submit(safe_read, chip)))
-
-                for _ in range(ahead):
-                    submit_next()
-                items = []
-                while window:
-                    chip, fut = window.popleft()
-                    image, problems = fut.result()
-                    submit_next()
-                    items.append((chip, image, problems))
-                    if len(items) == batch_size:
-                        batches.put(make_batch(items))
-                        items = []
-                if items:
-                    batches.put(make_batch(items))
-        except BaseException as exc:
-            producer_error.append(exc)
-        finally:
-            batches.put(None)
-
-    write_slots = threading.BoundedSemaphore(4 * batch_size)  # bounds masks waiting for a writer
-    failed_writes = []  # type: List[str]
-
-    def write_one(chip: str, mask: np.ndarray, problems: List[str]) -> None:
-        path = out_dir / (chip + ".tif")
-        try:
-            try:
-                write_prediction(path, mask, compression)
-            except Exception:
-                write_prediction(path, mask, compression)  # one retry: transient I/O errors
-        except Exception as exc:
-            problems = problems + ["%s: write failed (%r)" % (path, exc)]
-            failed_writes.append(chip)
-        finally:
-            write_slots.release()
-        if problems:
-            log("ERROR chip=%s %s" % (chip, "; ".join(problems)))
-        progress.add()
-
-    def compute(batch: Dict[str, Any]) -> List[np.ndarray]:
-        n = len(batch["ids"])
-        masks = [np.zeros((CHIP_SIZE, CHIP_SIZE), dtype=np.uint8) for _ in range(n)]
-        good = batch["good"]
-        for i in range(n):
-            if i not in good:
-                batch["problems"][i].append("no readable band: all-zero prediction")
-        if not good:
-            return masks
-        x = batch["x"]
-        try:
-            out = predict_masks(members, x.to(device, non_blocking=True), views, threshold, amp)
-            for j, i in enumerate(good):
-                masks[i] = out[j]
-        except Exception as exc:  # e.g. out of memory on a large batch: retry chip by chip
-            log("batch of %d chips failed (%s): retrying chip by chip" % (len(good), _reason(exc)))
-            for j, i in enumerate(good):
-                try:
-                    masks[i] = predict_masks(members, x[j:j + 1].to(device), views, threshold, amp)[0]
-                except Exception as exc2:
-                    batch["problems"][i].append("model failed (%s): all-zero prediction"
-                                                % _reason(exc2))
-        return masks
-
-    producer = threading.Thread(target=produce, name="producer", daemon=True)
-    producer.start()
+    t0 = time.time()
+    reader = BatchReader(features, chips, bands, batch_size, num_workers, device.type == "cuda", io_nice)
     # Where the model's thread spends its time: waiting for input or for writers means the pipeline, not the
     # model, limits the speed.
-    wait_input = compute_s = wait_output = 0.0
-    with ThreadPoolExecutor(2, thread_name_prefix="write", initializer=io_init) as writers:
+    timings = {"wait_input": 0.0, "compute": 0.0, "wait_output": 0.0}
+    progress = Progress(len(chips), t0)
+    with PredictionWriter(out_dir, config.get("compression") or None, 4 * batch_size, progress,
+                          background_priority if io_nice else None) as writer:
         while True:
             t = time.time()
-            batch = batches.get()
-            wait_input += time.time() - t
+            batch = reader.get()
+            timings["wait_input"] += time.time() - t
             if batch is None:
                 break
             t = time.time()
-            masks = compute(batch)
-            compute_s += time.time() - t
-            for chip, mask, problems in zip(batch["ids"], masks, batch["problems"]):
-                t = time.time()
-                write_slots.acquire()
-                wait_output += time.time() - t
-                writers.submit(write_one, chip, mask, problems)
-    producer.join()
+            masks = predict_batch(batch, members, views, threshold, amp, device)
+            timings["compute"] += time.time() - t
+            for chip, mask, problems in zip(batch.ids, masks, batch.problems):
+                timings["wait_output"] += writer.submit(chip, mask, problems)
+    reader.thread.join()
     seconds = time.time() - t0
-    if producer_error:
-        log("ERROR reading pipeline stopped: %r" % (producer_error[0],))
-
-    missing = [c for c in chips if not (out_dir / (c + ".tif")).is_file()]
-    log("done chips=%d predictions=%d missing=%d write_failures=%d seconds=%.1f compute_s=%.1f "
-        "wait_input_s=%.1f wait_output_s=%.1f"
-        % (len(chips), len(chips) - len(missing), len(missing), len(failed_writes), seconds, compute_s,
-           wait_input, wait_output))
-    log("throughput chips_per_s=%.4f chips=%d seconds=%.3f"
-        % (len(chips) / max(seconds, 1e-9), len(chips), seconds))
-    if missing:
-        log("ERROR %d chip(s) have no prediction, e.g. %s" % (len(missing), missing[:10]))
-        return 1
-    return 0
+    if reader.error is not None:
+        log("ERROR reading pipeline stopped: %r" % (reader.error,))
+    return 1 if report_done(chips, out_dir, seconds, len(writer.failed), timings) else 0
 
 
 def main() -> int:

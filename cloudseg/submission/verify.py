@@ -7,9 +7,21 @@ and then checks the predictions (none missing, none extra, PIL opens each as 512
 524,288 bytes), scores them when labels are given, and reports main.py's throughput and the time 10,980 chips
 would take here.
 
-Network blocking is best effort, in two layers: a fresh network namespace (``unshare -n``, available to root)
-where it works, else proxy variables pointing nowhere; and always an audit hook (``sitecustomize.py`` on
-``PYTHONPATH``) that refuses and reports every internet socket connect or name lookup made from Python.
+main.py runs in a sandbox close to the runtime's:
+
+* as an unprivileged user (``nobody`` when verify runs as root; otherwise the current user, who is not root);
+* with an environment built from an allow-list (``ENV_ALLOW``: PATH, locale, thread counts, device choice),
+  HOME and TMPDIR in a scratch folder, so tracking URIs and credentials of the caller never reach it;
+* with the data read-only, only ``predictions/`` and the scratch home writable; any file created, changed or
+  removed elsewhere in the unpacked submission or the scratch area is a failure naming the file;
+* without network: a fresh network namespace (``unshare -n``). As root, a mount namespace also hides folders
+  the unprivileged user cannot enter (e.g. ``/root``) behind an empty tmpfs, binding back only the
+  interpreter's own folders. Always, an audit hook (``sitecustomize.py`` on ``PYTHONPATH``) refuses and
+  reports every internet socket connect or name lookup made by main.py's own interpreter.
+
+Where the network namespace cannot be made, verify fails unless ``allow_network_check_skip`` is given: the
+audit hook alone does not see a child started with ``python -I`` (it ignores ``PYTHONPATH``), which can then
+reach any server the machine reaches; the last lines then say the check was weaker.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import pwd
 import re
 import shutil
 import stat
@@ -38,6 +51,16 @@ TEST_CHIPS = 10_980  # size of the competition's test set, for the time projecti
 DEFAULT_TIMEOUT_S = 14_400  # the runtime's 4 hours
 NETWORK_MARK = "cloudseg-network-guard: blocked"
 MAX_LISTED = 20  # per kind of failure; the rest is counted
+UNSHARE = "unshare"  # the network-namespace tool; tests point it at a missing name for the no-namespace path
+UNPRIVILEGED_USER = "nobody"  # whom main.py runs as when verify runs as root
+# The caller's variables main.py may see (the runtime hands it a clean environment); everything else is
+# withheld, e.g. MLFLOW_TRACKING_URI or a DB=... URL with a password.
+ENV_ALLOW = frozenset({
+    "PATH", "LANG", "LANGUAGE", "TZ", "TERM", "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER", "CLOUDSEG_DEVICE", "CLOUDSEG_TORCH_THREADS", "CLOUDSEG_IO_NICE",
+})
+ENV_ALLOW_PREFIXES = ("LC_",)
 
 # Top-level modules a submission may import: the runtime's packages (COMPETITION.md), the packages they pull
 # in that code commonly imports, and the standard library.
@@ -243,45 +266,197 @@ def chip_ids(features: Path) -> list[str]:
 
 # -------------------------------------------------------------------------------------------- running main.py
 
-def _network_isolation() -> tuple[list[str], str]:
-    """Command prefix and a description of how the network is blocked for main.py."""
-    unshare = shutil.which("unshare")
-    if unshare:
+@dataclass
+class Sandbox:
+    """How main.py is started: a command prefix (namespaces, user switch) and what that amounts to."""
+
+    prefix: list[str]
+    user: str
+    network: str
+    isolated: bool  # True when main.py has its own network namespace
+    uid: int | None = None  # the user main.py runs as, when verify switches users
+    gid: int | None = None
+    popen: dict = field(default_factory=dict)  # extra subprocess.Popen keywords
+    weaker: list[str] = field(default_factory=list)  # checks this sandbox does not make
+
+
+def _network_namespace() -> tuple[list[str] | None, str]:
+    """(``unshare -n`` command, '') when a network namespace can be made here, else (None, why not).
+
+    A user that is not root needs a user namespace for it too: ``-c`` maps the user to itself (so main.py
+    keeps no capabilities once it execs), else ``-r`` (older util-linux; mapped to root in there, with no more
+    rights outside than before).
+    """
+    unshare = shutil.which(UNSHARE)
+    if not unshare:
+        return None, f"{UNSHARE} not installed"
+    tries = [[unshare, "-n"]] if os.geteuid() == 0 else [[unshare, "-c", "-n"], [unshare, "-r", "-n"]]
+    why = ""
+    for cmd in tries:
         try:
-            r = subprocess.run([unshare, "-n", "true"], capture_output=True, timeout=20)
-            if r.returncode == 0:
-                return ([unshare, "-n", "--"],
-                        "network namespace without interfaces (unshare -n) + audit-hook guard")
-            why = (r.stderr.decode(errors="replace").strip() or f"exit {r.returncode}").splitlines()[0]
+            r = subprocess.run(cmd + ["true"], capture_output=True, timeout=20)
         except (OSError, subprocess.TimeoutExpired) as exc:
             why = str(exc)
-    else:
-        why = "unshare not installed"
-    return [], f"proxy variables set to an invalid address + audit-hook guard (no network namespace: {why})"
+            continue
+        if r.returncode == 0:
+            return cmd, ""
+        why = (r.stderr.decode(errors="replace").strip() or f"exit {r.returncode}").splitlines()[0]
+    return None, why
 
 
-def _run_main(python: str, codeexecution: Path, guard_dir: Path, timeout: float, echo: Callable[[str], None],
-              prefix: list[str]) -> tuple[int | None, bool, float, list[str]]:
-    """Run ``python main.py`` in ``codeexecution``, streaming its lines.
+def _closed_ancestor(path: Path) -> Path | None:
+    """The topmost folder at or above ``path`` that other users may not enter (no o+x), or None."""
+    for p in [*reversed(path.parents), path][1:]:
+        if p.is_dir() and not p.stat().st_mode & stat.S_IXOTH:
+            return p
+    return None
+
+
+def _interpreter_dirs(python: str) -> list[Path]:
+    """Folders ``python`` needs: its base installation, its prefix (a venv), its real executable's folder."""
+    code = ("import os, sys; print(sys.base_prefix); print(sys.prefix); "
+            "print(os.path.realpath(sys.executable))")
+    r = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, timeout=120)
+    if r.returncode:
+        raise FileNotFoundError(f"{python} does not run: {(r.stderr.strip() or r.stdout.strip())[:300]}")
+    base, prefix, exe = r.stdout.strip().splitlines()[-3:]
+    return [Path(base), Path(prefix), Path(exe).parent, Path(python).parent]
+
+
+def _root_sandbox(unshare: str, python: str, work: Path, hold: Path, uid: int, gid: int) -> list[str]:
+    """Command prefix that, as root, enters new mount + network namespaces and becomes ``uid``.
+
+    Folders the user could not enter (e.g. ``/root`` holding a pyenv interpreter, or pytest's 0700 temporary
+    root) are covered by an empty tmpfs, and only the interpreter's folders and ``work`` are bound back, so
+    the interpreter runs and nothing else of those folders is visible.
+    """
+    keeps: dict[Path, list[Path]] = {}
+    for path in [p.resolve() for p in (*_interpreter_dirs(python), work)]:
+        closed = _closed_ancestor(path)
+        if closed is not None and not any(k == path or k in path.parents for k in keeps.get(closed, [])):
+            keeps.setdefault(closed, []).append(path)
+    lines = ["set -e"]
+    n = 0
+    for closed, paths in keeps.items():
+        spots = []
+        for path in paths:
+            spot = hold / str(n)
+            n += 1
+            spot.mkdir()
+            lines.append(f"mount --bind {_q(path)} {_q(spot)}")
+            spots.append((path, spot))
+        lines.append(f"mount -t tmpfs -o mode=0755,size=1m cloudseg-verify {_q(closed)}")
+        for path, spot in spots:
+            lines += [f"mkdir -p {_q(path)}", f"mount --bind {_q(spot)} {_q(path)}"]
+    lines.append(f'exec setpriv --reuid={uid} --regid={gid} --clear-groups -- "$@"')
+    script = hold / "enter.sh"
+    script.write_text("\n".join(lines) + "\n")
+    return [unshare, "-m", "-n", "--", "sh", str(script)]
+
+
+def _q(path: Path) -> str:
+    return "'" + str(path).replace("'", "'\\''") + "'"
+
+
+def make_sandbox(python: str, work: Path, hold: Path) -> Sandbox:
+    """Choose how main.py runs here: as whom, and whether the network is cut (see the module docstring)."""
+    unshare, why = _network_namespace()
+    root = os.geteuid() == 0
+    uid = gid = None
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    if root:
+        entry = pwd.getpwnam(UNPRIVILEGED_USER)
+        uid, gid, user = entry.pw_uid, entry.pw_gid, UNPRIVILEGED_USER
+    if unshare:
+        network = "network namespace without interfaces (unshare -n) + audit-hook guard"
+        if root:
+            return Sandbox(_root_sandbox(unshare[0], python, work, hold, uid, gid), user, network, True, uid,
+                           gid)
+        return Sandbox(unshare + ["--"], user, network, True)
+    network = f"NOT isolated (no network namespace: {why}); audit-hook guard and dead proxy variables only"
+    weaker = [f"network not isolated ({UNSHARE} -n: {why}): the audit hook sees only main.py's own "
+              "interpreter, so a child started with python -I could reach the network unseen"]
+    popen = {"user": uid, "group": gid, "extra_groups": []} if root else {}
+    closed = [(p, _closed_ancestor(p.resolve())) for p in (*_interpreter_dirs(python), work)] if root else []
+    closed = [(p, c) for p, c in closed if c is not None]
+    if closed:  # without a mount namespace the unprivileged user could not even start the interpreter
+        weaker.append(f"main.py ran as root, not {UNPRIVILEGED_USER}: {closed[0][0]} is inside "
+                      f"{closed[0][1]}, which {UNPRIVILEGED_USER} cannot enter, and no mount namespace "
+                      "can be made to open it")
+        popen, uid, gid, user = {}, None, None, pwd.getpwuid(os.geteuid()).pw_name
+    return Sandbox([], user, network, False, uid, gid, popen, weaker)
+
+
+def sandbox_env(home: Path, codeexecution: Path, guard_dir: Path, net_log: Path) -> tuple[dict, list[str]]:
+    """main.py's environment from the allow-list, and the names of the caller's variables withheld."""
+    env = {k: v for k, v in os.environ.items() if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES)}
+    blackhole = "http://127.0.0.1:9"  # discard port: connections fail at once
+    env.setdefault("PATH", os.defpath)
+    env.update(
+        HOME=str(home), TMPDIR=str(home / "tmp"), CLOUDSEG_ROOT=str(codeexecution), PYTHONPATH=str(guard_dir),
+        PYTHONUNBUFFERED="1", PYTHONNOUSERSITE="1", PYTHONDONTWRITEBYTECODE="1", HF_HUB_OFFLINE="1",
+        HTTP_PROXY=blackhole, HTTPS_PROXY=blackhole, http_proxy=blackhole, https_proxy=blackhole,
+        ALL_PROXY=blackhole, NO_PROXY="", no_proxy="", CLOUDSEG_NETWORK_LOG=str(net_log),
+    )
+    return env, sorted(set(os.environ) - set(env))
+
+
+def _snapshot(root: Path, skip: set[Path]) -> dict[str, tuple]:
+    """(kind, size, ctime, mtime) of everything under ``root`` but ``skip``; ctime changes on any write."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if here / d not in skip]
+        for name in dirnames + filenames:
+            st = os.lstat(here / name)
+            size = 0 if stat.S_ISDIR(st.st_mode) else st.st_size
+            out[str(here / name)] = (stat.S_IFMT(st.st_mode), size, st.st_ctime_ns, st.st_mtime_ns)
+    return out
+
+
+def _writes_elsewhere(before: dict[str, tuple], after: dict[str, tuple]) -> list[str]:
+    lines = []
+    for path in sorted(set(before) | set(after)):
+        if path not in before:
+            lines.append(f"{path} (created)")
+        elif path not in after:
+            lines.append(f"{path} (removed)")
+        elif before[path] != after[path] and before[path][0] != stat.S_IFDIR:  # folders change with files
+            lines.append(f"{path} (changed)")
+    return lines
+
+
+def _own(path: Path, sandbox: Sandbox, mode: int) -> None:
+    """Make ``path`` (a new folder) writable by the user main.py runs as, and by nobody else."""
+    path.mkdir(parents=True, exist_ok=True)
+    if sandbox.uid is not None:
+        os.chown(path, sandbox.uid, sandbox.gid)
+    os.chmod(path, mode)
+
+
+def _set_submission_mode(codeexecution: Path, skip: set[Path], writable: bool) -> None:
+    """The unpacked submission read-only for its owner too (a non-root run owns it), or back for clean-up."""
+    for dirpath, dirnames, filenames in os.walk(codeexecution):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if here / d not in skip]
+        os.chmod(here, 0o755 if writable else 0o555)
+        for f in filenames:
+            if not (here / f).is_symlink():
+                os.chmod(here / f, 0o644 if writable else 0o444)
+
+
+def _run_main(cmd: list[str], cwd: Path, env: dict, timeout: float, echo: Callable[[str], None],
+              popen: dict) -> tuple[int | None, bool, float, list[str]]:
+    """Run ``cmd`` in ``cwd``, streaming its lines.
 
     Returns:
         (returncode, timed_out, wall_s, lines).
     """
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
-    blackhole = "http://127.0.0.1:9"  # discard port: connections fail at once
-    env.update(
-        CLOUDSEG_ROOT=str(codeexecution), PYTHONPATH=str(guard_dir), PYTHONUNBUFFERED="1",
-        PYTHONNOUSERSITE="1", PYTHONDONTWRITEBYTECODE="1", HF_HUB_OFFLINE="1", HTTP_PROXY=blackhole,
-        HTTPS_PROXY=blackhole,
-        http_proxy=blackhole, https_proxy=blackhole, ALL_PROXY=blackhole, NO_PROXY="", no_proxy="",
-        CLOUDSEG_NETWORK_LOG=str(guard_dir / "network.log"),
-    )
-    cmd = prefix + [python, "main.py"]
     lines: list[str] = []
     start = time.time()
-    proc = subprocess.Popen(cmd, cwd=codeexecution, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
-                            start_new_session=True)
+                            start_new_session=True, **popen)
 
     def pump() -> None:
         assert proc.stdout is not None  # set by stdout=PIPE; not validation
@@ -396,6 +571,7 @@ def verify_submission(
     timeout: float = DEFAULT_TIMEOUT_S,
     echo: Callable[[str], None] = print,
     keep: Path | str | None = None,
+    allow_network_check_skip: bool = False,
 ) -> VerifyResult:
     """Verify a submission zip end to end (see the module docstring).
 
@@ -407,6 +583,8 @@ def verify_submission(
         timeout: seconds main.py may run (the runtime allows 4 hours).
         echo: where progress and main.py's streamed output go; the last line echoed is ``result.last_line``.
         keep: run in this (new or empty) folder and leave it in place, instead of a deleted temporary one.
+        allow_network_check_skip: where no network namespace can be made, run anyway with the audit hook as
+            the only network check (weaker: a ``python -I`` child is not seen) instead of failing.
     """
     zip_path, features = Path(zip_path), Path(features)
     python = str(python or sys.executable)
@@ -431,32 +609,61 @@ def verify_submission(
 
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="cloudseg-verify-"))
     work.mkdir(parents=True, exist_ok=True)
+    hold = Path(tempfile.mkdtemp(prefix="cloudseg-verify-mounts-"))  # mount points outside any closed folder
     codeexecution = work / "codeexecution"
-    data = codeexecution / "data"
+    data, pred_dir = codeexecution / "data", codeexecution / "predictions"
+    home, net_dir = work / "home", work / "network"
+    weaker: list[str] = []
     try:
+        os.chmod(work, 0o755)  # mkdtemp makes it 0700: the unprivileged user must enter it
+        sandbox = make_sandbox(python, work, hold)
+        result.network = sandbox.network
+        echo(f"python: {python}")
+        echo(f"network: {result.network}")
+        if not sandbox.isolated and not allow_network_check_skip:
+            result.failures.append(
+                f"no network namespace for main.py ({sandbox.weaker[0]}); run verify where `{UNSHARE} -n` "
+                "works (e.g. as root), or pass --allow-network-check-skip to accept the weaker check")
+            raise _Stop
+        weaker += sandbox.weaker
         with zipfile.ZipFile(zip_path) as zf:
             zf.extractall(codeexecution)
         shutil.copytree(features, data / "test_features", symlinks=False)
         before = hash_tree(data)
         _set_tree_mode(data, writable=False)
         guard = write_network_guard(work / "guard")
-        prefix, result.network = _network_isolation()
-        echo(f"python: {python}")
-        echo(f"network: {result.network}")
+        for folder, mode in ((pred_dir, 0o755), (home, 0o700), (home / "tmp", 0o700), (net_dir, 0o700)):
+            _own(folder, sandbox, mode)
+        writable = {data, pred_dir, home, net_dir}
+        _set_submission_mode(codeexecution, writable, writable=False)
+        env, withheld = sandbox_env(home, codeexecution, guard, net_dir / "network.log")
+        passed = sorted(k for k in env if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES))
+        echo(f"user: {sandbox.user}; environment: allow-listed {passed}, HOME and TMPDIR in {home}, verify's "
+             f"own settings; withheld from main.py: {', '.join(withheld) or 'none'}")
+        probe = _probe(sandbox, python, codeexecution, env)
+        if probe:
+            result.failures.append(probe)
+            raise _Stop
+        scratch = _snapshot(work, writable)
         echo(f"time limit: {timeout:.0f} s; running main.py in {codeexecution}")
         rc, result.timed_out, result.wall_s, result.log = _run_main(
-            python, codeexecution, guard, timeout, echo, prefix)
+            sandbox.prefix + [python, "main.py"], codeexecution, env, timeout, echo, sandbox.popen)
         result.returncode = rc
         if result.timed_out:
             result.failures.append(f"main.py exceeded the time limit of {timeout:.0f} s and was killed")
         elif rc != 0:
-            result.failures.append(f"main.py exited with status {rc}")
+            last = next((ln.strip() for ln in reversed(result.log) if ln.strip()), "")
+            result.failures.append(f"main.py exited with status {rc}" + (f" (last line: {last[:300]})"
+                                                                        if last else ""))
         attempts = [ln for ln in result.log if NETWORK_MARK in ln]
-        net_log = guard / "network.log"
+        net_log = net_dir / "network.log"
         if net_log.is_file():
             attempts += net_log.read_text().splitlines()
         if attempts:
             result.failures.append(f"main.py tried to use the network: {attempts[0]}")
+        written = _writes_elsewhere(scratch, _snapshot(work, writable))  # before chmod touches ctimes
+        _set_submission_mode(codeexecution, writable, writable=True)
+        result.failures += _listed("main.py wrote outside predictions/ and the scratch home: ", written)
         _set_tree_mode(data, writable=True)
         after = hash_tree(data)
         if after != before:
@@ -464,7 +671,6 @@ def verify_submission(
             result.failures += _listed("main.py changed the read-only data: ",
                                        [str(data / c) for c in changed])
 
-        pred_dir = codeexecution / "predictions"
         pred_failures = check_predictions(pred_dir, ids)
         if python != sys.executable and pred_dir.is_dir():
             pred_failures += _check_with_interpreter(python, pred_dir, ids)
@@ -480,11 +686,16 @@ def verify_submission(
                 result.jaccard = score_folders(pred_dir, labels).score()
             except Exception as exc:  # missing predictions for labels, empty union
                 result.failures.append(f"scoring against {labels} failed: {exc}")
+    except _Stop:
+        pass
     finally:
+        if codeexecution.exists():
+            _set_submission_mode(codeexecution, {data}, writable=True)
+        if data.exists():
+            _set_tree_mode(data, writable=True)
         if not keep:
-            if data.exists():
-                _set_tree_mode(data, writable=True)
             shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(hold, ignore_errors=True)
 
     result.ok = not result.failures
     echo(f"predictions: {result.n_predictions}/{result.n_chips}; main.py wall time {result.wall_s:.1f} s")
@@ -501,5 +712,29 @@ def verify_submission(
         echo(f"FAIL {f}")
     if result.jaccard is not None:
         echo(f"pooled Jaccard on {labels}: {result.jaccard:.10f}")
+    for w in weaker:
+        echo(f"WARNING weaker check: {w} (accepted with --allow-network-check-skip)")
     echo(result.last_line)
     return result
+
+
+class _Stop(Exception):
+    """A sandbox problem that ends the run before main.py starts; already recorded as a failure."""
+
+
+def _probe(sandbox: Sandbox, python: str, codeexecution: Path, env: dict) -> str:
+    """'' when ``python`` starts in the sandbox and can read the submission and the data; else the failure."""
+    code = ("import os, sys\n"
+            "root = os.environ['CLOUDSEG_ROOT']\n"
+            "open(os.path.join(root, 'main.py'), 'rb').close()\n"
+            "os.listdir(os.path.join(root, 'data', 'test_features'))\n")
+    try:
+        r = subprocess.run(sandbox.prefix + [python, "-c", code], cwd=codeexecution, env=env,
+                           capture_output=True, text=True, timeout=120, **sandbox.popen)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{python} does not start as user {sandbox.user} in the sandbox: {exc}"
+    if r.returncode:
+        why = ((r.stderr or r.stdout).strip().splitlines() or [f"exit {r.returncode}"])[-1]
+        return (f"{python} cannot run main.py as user {sandbox.user} in the sandbox: {why[:300]} "
+                "(the interpreter, the submission and the data must be readable by that user)")
+    return ""

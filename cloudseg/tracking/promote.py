@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="best", help="submission name: submissions/<name>/ and <name>.zip")
     p.add_argument("--tta", default="flip", help="test-time augmentation in main.py: none, hflip, flip, flip4, d4")
     p.add_argument("--batch-size", type=int, default=8, help="chips per forward pass in main.py")
+    p.add_argument("--alias", default="champion", help="registry alias moved to the new model version")
+    p.add_argument("--no-register", action="store_true",
+                   help="write the folder and zip only, without a version in MLflow's model registry")
     p.add_argument("--threshold", type=float, default=None,
                    help="decision threshold (default: the members' stored thresholds, averaged)")
     return p.parse_args(argv)
@@ -294,4 +297,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"promoted run {run.info.run_id} ({metric}={run.data.metrics[metric]:.6f})")
     print(f"members={len(members)} folder={folder}")
     print(f"zip={zip_path} ({zip_path.stat().st_size / 1e6:.1f} MB)")
+    if not args.no_register:
+        from cloudseg.tracking.models import register_submission
+
+        run, metric = chosen[0]
+        version = register_submission(args.name, zip_path, folder / "MANIFEST.json", alias=args.alias, tags={
+            "cloudseg.run_ids": ",".join(r.info.run_id for r, _ in chosen), "cloudseg.metric": metric,
+            "cloudseg.metric_value": f"{run.data.metrics[metric]:.6f}",
+            "cloudseg.members": ",".join(m.run_id for m in members)})
+        print(f"registered model {args.name!r} version {version}, alias {args.alias!r} "
+              f"(MLflow UI: Models; predict with --model models:/{args.name}@{args.alias})")
     return 0
