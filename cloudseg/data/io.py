@@ -9,6 +9,7 @@ Layout (training release and runtime alike)::
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,10 @@ import pandas as pd
 import rasterio
 from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning
+
+# GDAL lists a file's folder on every open to look for sidecar files (.aux.xml, .ovr) that chips never have: a
+# fifth of the time of reading a chip's four bands. Users who rely on sidecars can set the variable themselves.
+os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
 
 BANDS: tuple[str, ...] = ("B02", "B03", "B04", "B08")
 CHIP_SIZE = 512

@@ -21,11 +21,16 @@ class Normalization:
     std: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        """Shape: (C, H, W) uint16 -> (C, H, W) float32."""
-        x = np.clip(image.astype(np.float32) / self.divisor, 0.0, self.clip)
-        mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
-        std = np.asarray(self.std, dtype=np.float32)[:, None, None]
-        return (x - mean) / std
+        """Shape: (C, H, W) uint16 (or float32) -> (C, H, W) float32. In place on one float32 copy: this runs once
+        per chip drawn, in the data loader."""
+        x = image.astype(np.float32)  # always a copy: the caller's array is never changed
+        np.divide(x, np.float32(self.divisor), out=x)
+        np.clip(x, 0.0, self.clip, out=x)
+        if any(self.mean):
+            x -= np.asarray(self.mean, dtype=np.float32)[:, None, None]
+        if any(s != 1 for s in self.std):
+            x /= np.asarray(self.std, dtype=np.float32)[:, None, None]
+        return x
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -59,12 +64,19 @@ def build_train_transform(crop_size: int | None, strength: float = 0.0, seed: in
     return A.Compose(ops, seed=seed)
 
 
+_PIXEL_EXACT = (A.RandomCrop, A.D4)  # transforms that only move pixels: any dtype, the same values
+
+
 def apply_transform(transform, image: np.ndarray, mask: np.ndarray | None):
     """Apply an albumentations transform to a (C, H, W) image and (H, W) mask together; returns CHW float32.
 
-    The image is converted to float32 first: some OpenCV kernels behind albumentations refuse uint16.
+    The image is converted to float32 first where the pipeline has more than crops, flips and rotations: some OpenCV
+    kernels behind albumentations refuse uint16. Geometric-only pipelines move the uint16 pixels as they are (the
+    same values, half the bytes); normalisation makes them float32 afterwards.
     """
-    hwc = np.ascontiguousarray(image.transpose(1, 2, 0), dtype=np.float32)
+    exact = all(type(t) in _PIXEL_EXACT for t in getattr(transform, "transforms", [transform]))
+    hwc = image.transpose(1, 2, 0)
+    hwc = np.ascontiguousarray(hwc) if exact else np.ascontiguousarray(hwc, dtype=np.float32)
     if mask is None:
         out = transform(image=hwc)
         return np.ascontiguousarray(out["image"].transpose(2, 0, 1)), None

@@ -288,6 +288,15 @@ def _rank_failure(state_dir: Path) -> str | None:
     return found[0].read_text() if found else None
 
 
+def _reopen(parent: str, key: str) -> dict[int, object]:
+    """Mark a parent run RUNNING again and return its children by the integer tag ``key`` (fold or seed)."""
+    client = MlflowClient()
+    client.update_run(parent, status="RUNNING")
+    exp = client.get_run(parent).info.experiment_id
+    return {int(r.data.tags[key]): r for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
+            if key in r.data.tags}
+
+
 def cross_validate(cfg: Config, root: Path, split: ValidatedSplit, resume_run_id: str | None = None,
                    init_weights: Path | None = None, tags: dict | None = None,
                    parent_run_id: str | None = None) -> RunOutcome:
@@ -308,11 +317,7 @@ def cross_validate(cfg: Config, root: Path, split: ValidatedSplit, resume_run_id
     done: dict[int, str] = {}
     if resume_run_id:
         parent = resume_run_id
-        client.update_run(parent, status="RUNNING")
-        exp = client.get_run(parent).info.experiment_id
-        for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'"):
-            if r.info.status == "FINISHED":
-                done[int(r.data.tags["cloudseg.fold"])] = r.info.run_id
+        done = {k: r.info.run_id for k, r in _reopen(parent, "cloudseg.fold").items() if r.info.status == "FINISHED"}
     else:
         parent = start_run(cfg, "cv", {"cloudseg.data": str(root),
                                        "cloudseg.data_fingerprint": tracking.data_fingerprint(root, "train",
@@ -374,10 +379,7 @@ def repeat(cfg: Config, root: Path, split: ValidatedSplit, seeds: list[int], res
     children: dict[int, object] = {}
     if resume_run_id:
         parent = resume_run_id
-        client.update_run(parent, status="RUNNING")
-        exp = client.get_run(parent).info.experiment_id
-        for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'"):
-            children[int(r.data.tags["cloudseg.seed"])] = r
+        children = _reopen(parent, "cloudseg.seed")
     else:
         parent = start_run(cfg, "repeat", {"cloudseg.seeds": ",".join(map(str, seeds)), "cloudseg.data": str(root),
                                            "cloudseg.data_fingerprint": tracking.data_fingerprint(
