@@ -218,6 +218,8 @@ class MlflowServer:
     url: str
     proc: subprocess.Popen
     folder: Path
+    username: str = ""  # MLflow's basic-auth admin (the server refuses unauthenticated clients)
+    password: str = ""
     ready: bool = False
 
     def wait_ready(self, timeout: float = 300) -> str:
@@ -249,22 +251,33 @@ class MlflowServer:
 
 
 def start_mlflow_server(backend_uri: str, folder: Path, host: str = "127.0.0.1") -> MlflowServer:
-    """Start ``mlflow server`` without waiting for it (it takes tens of seconds); call ``wait_ready()``."""
+    """Start ``mlflow server`` with MLflow's basic-auth app (an admin with a fresh password, no permission for
+    anyone else) without waiting for it (it takes tens of seconds); call ``wait_ready()``."""
+    import secrets
+
     exe = Path(sys.executable).with_name("mlflow")
     if not exe.is_file():
         exe = Path(shutil.which("mlflow") or "mlflow")
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port(host)
-    cmd = [str(exe), "server", "--backend-store-uri", backend_uri, "--serve-artifacts",
+    password = secrets.token_urlsafe(16)
+    (folder / "auth.ini").write_text(
+        "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{folder / 'auth.db'}\nadmin_username = cloudseg-admin\n"
+        f"admin_password = {password}\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    cmd = [str(exe), "server", "--app-name", "basic-auth", "--backend-store-uri", backend_uri, "--serve-artifacts",
            "--artifacts-destination", str(folder / "artifacts"), "--host", host, "--port", str(port),
            "--workers", "1"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job runner: three fewer processes
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(folder / "auth.ini")
+    env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_hex(16)  # CSRF protection of the auth app
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     with (folder / "server.log").open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=folder, env=env,
                                 start_new_session=True)
     (folder / "server.pgid").write_text(str(proc.pid))
-    return MlflowServer(f"http://{host}:{port}", proc, folder)
+    return MlflowServer(f"http://{host}:{port}", proc, folder, "cloudseg-admin", password)
 
 
 # --------------------------------------------------------------------------------------------- network namespaces
@@ -423,9 +436,21 @@ def mlflow_server(services_dir, postgres, host_network_or_reason) -> Iterator[Ml
 
 
 @pytest.fixture(scope="session")
-def mlflow_uri(mlflow_server) -> str:
-    """Tracking URI of the running MLflow server (waits for it)."""
+def mlflow_uri(mlflow_server) -> Iterator[str]:
+    """Tracking URI of the running MLflow server (waits for it). Its login reaches this process and the workers it
+    starts through MLflow's standard variables (MLFLOW_TRACKING_USERNAME / _PASSWORD), never a command line."""
     try:
-        return mlflow_server.wait_ready()
+        uri = mlflow_server.wait_ready()
     except ServiceError as exc:
         unavailable(f"no MLflow tracking server: {exc}")
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ["MLFLOW_TRACKING_USERNAME"] = mlflow_server.username
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = mlflow_server.password
+    try:
+        yield uri
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

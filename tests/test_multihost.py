@@ -310,3 +310,16 @@ def test_two_workers_outside_ci_end_with_exactly_the_trials(postgres, mlflow_ser
         assert len(states) == 4 and TrialState.FAIL not in states, states
         seen.append(len(states))
     print(f"rehearsals={reps} trials={seen} fail=0")
+
+
+def test_the_tracking_server_refuses_clients_without_a_login(mlflow_server, mlflow_uri, monkeypatch):
+    """The server has a login: a client without credentials is refused, one with them (MLflow's standard
+    variables, as the workers get them) is let in."""
+    from mlflow.exceptions import MlflowException
+
+    assert MlflowClient(mlflow_uri).search_experiments(max_results=1) is not None
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(MlflowException, match="401|Unauthorized|credentials"):
+        MlflowClient(mlflow_uri).search_experiments(max_results=1)
