@@ -270,3 +270,20 @@ def test_runtime_versions_give_the_same_predictions(tmp_path, checkpoint, good_c
         a, b = read_prediction(here / "predictions" / name), read_prediction(there / "predictions" / name)
         assert a.shape == b.shape == (512, 512)
         assert (a == b).mean() >= 0.999, f"{name}: only {(a == b).mean():.5f} of pixels agree"
+
+
+def test_a_chip_folder_whose_name_is_not_utf8_is_read(tmp_path, checkpoint, good_chips):
+    """A folder name with bytes that are not UTF-8 (kept by Python as surrogates) is read like any chip: its
+    prediction equals the same chip's under a plain name, and it is written under the same odd name."""
+    folder = write_submission(tmp_path / "sub", [checkpoint], tta="none")
+    root = make_root(tmp_path / "root", good_chips / "test_features")
+    odd = os.fsdecode(b"chip\xff\xfe")
+    shutil.copytree(root / "data" / "test_features" / "te00", root / "data" / "test_features" / odd)
+    main = load_main(folder)
+    lines: list[str] = []
+    main.log = lines.append
+    assert main.run(root, folder) == 0
+    preds = root / "predictions"
+    assert (preds / f"{odd}.tif").is_file()
+    np.testing.assert_array_equal(read_prediction(preds / f"{odd}.tif"), read_prediction(preds / "te00.tif"))
+    assert not [ln for ln in lines if ln.startswith("ERROR")], lines

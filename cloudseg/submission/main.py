@@ -76,9 +76,11 @@ _log_lock = threading.Lock()
 
 
 def log(message: str) -> None:
-    """Print one line to stdout at once (the runtime keeps stdout as the log); safe from any thread."""
+    """Print one line to stdout at once (the runtime keeps stdout as the log); safe from any thread. A chip name
+    that is not valid UTF-8 is shown with its odd bytes escaped instead of breaking the line."""
+    line = message.encode("utf-8", "backslashreplace").decode("utf-8") + "\n"
     with _log_lock:
-        sys.stdout.write(message + "\n")
+        sys.stdout.write(line)
         sys.stdout.flush()
 
 
@@ -95,20 +97,32 @@ def _read_rasterio(path: Path) -> np.ndarray:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(str(path)) as src:
-            return src.read()  # (bands, H, W)
+        if _utf8(path):
+            with rasterio.open(str(path)) as src:
+                return src.read()  # (bands, H, W)
+        with open(path, "rb") as fh, rasterio.open(fh) as src:  # GDAL cannot open a name that is not UTF-8
+            return src.read()
+
+
+def _utf8(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a folder name with bytes that are not UTF-8 (kept as surrogates by Python)
+        return False
 
 
 def _read_tifffile(path: Path) -> np.ndarray:
     import tifffile
 
-    return np.asarray(tifffile.imread(str(path)))
+    with open(path, "rb") as fh:  # a file object: any folder name, UTF-8 or not
+        return np.asarray(tifffile.imread(fh))
 
 
 def _read_pil(path: Path) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(str(path)) as img:
+    with Image.open(path) as img:
         return np.array(img)
 
 
