@@ -101,7 +101,8 @@ def test_a_rank_that_raises_fails_the_run_and_stops_the_others(job, tiny_data, t
     res = job("--data", str(tiny_data), *TINY, "--set", "epochs=3", raise_at="1:2")
     assert res.returncode != 0
     _, runs = _runs()
-    assert len(runs) == 1 and runs[0].info.status == "FAILED", [r.info.status for r in runs]
+    assert len(runs) == 1 and runs[0].info.status == "FAILED", ([r.info.status for r in runs], res.stdout[-2000:],
+                                                               res.stderr[-4000:])
     assert "rank 1" in runs[0].data.tags["cloudseg.error"]
     _no_rank_left(tmp_path)
 

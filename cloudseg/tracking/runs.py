@@ -9,10 +9,12 @@ Where the data come from is ``cloudseg.data.sources``'s business, not this modul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,12 +261,40 @@ def train_fold(cfg: Config, root: Path, split: ValidatedSplit, kind: str = "trai
     if on_start is not None:
         on_start(run_id)
     dist.broadcast(run_id)
-    with tracking.run_status(run_id, killed, failure=lambda: _rank_failure(state_root() / run_id)):
+    with tracking.run_status(run_id, killed, failure=lambda: _rank_failure(state_root() / run_id)), \
+            _watch_ranks(run_id, state_root() / run_id):
         trainer = Trainer(cfg, split, train_ids, val_ids, state_root() / run_id,
                           [tracking.EpochLogger(run_id), *(callbacks or [])], init_weights=init_weights)
         result = trainer.fit()
         metrics = _log_fit(run_id, cfg, split, result)
     return RunOutcome(run_id, result, metrics)
+
+
+@contextlib.contextmanager
+def _watch_ranks(run_id: str, state_dir: Path, every_s: float = 1.0):
+    """Under torchrun, a thread of rank 0 that ends the run FAILED as soon as another rank leaves its error: rank 0
+    itself may be waiting inside a collective for the dead rank when torchrun kills it."""
+    if not dist.active():
+        yield
+        return
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(every_s):
+            why = _rank_failure(state_dir)
+            if why:
+                client = MlflowClient()
+                client.set_tag(run_id, "cloudseg.error", why[:4000])
+                client.set_terminated(run_id, "FAILED")
+                return
+
+    thread = threading.Thread(target=watch, name="cloudseg-rank-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 def _follow_fold(cfg: Config, split: ValidatedSplit, init_weights: Path | None) -> RunOutcome:
