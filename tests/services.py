@@ -443,14 +443,7 @@ def mlflow_uri(mlflow_server) -> Iterator[str]:
         uri = mlflow_server.wait_ready()
     except ServiceError as exc:
         unavailable(f"no MLflow tracking server: {exc}")
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    os.environ["MLFLOW_TRACKING_USERNAME"] = mlflow_server.username
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = mlflow_server.password
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # a session fixture: the function-scoped monkeypatch is not there
+        mp.setenv("MLFLOW_TRACKING_USERNAME", mlflow_server.username)
+        mp.setenv("MLFLOW_TRACKING_PASSWORD", mlflow_server.password)
         yield uri
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
