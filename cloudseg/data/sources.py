@@ -12,7 +12,8 @@ import pandas as pd
 
 from cloudseg.config import Config
 from cloudseg.data.splits import exclude_from_training, fold_split, location_folds, read_id_list
-from cloudseg.data.validate import ValidatedSplit, validate_split
+from cloudseg.data.io import ChipReadError, load_metadata
+from cloudseg.data.validate import DatasetError, ValidatedSplit, validate_split
 from cloudseg.paths import REPO_ROOT, real_data_dir
 
 SUSPECT_LIST = Path("reference") / "suspect_label_ids.txt"  # beside the splits of the real sample
@@ -76,9 +77,6 @@ def hold_in_memory(cfg: Config, n_chips: int) -> bool:
 def load_split(cfg: Config) -> tuple[Path, ValidatedSplit]:
     """The config's training split, validated, with ``mix_synthetic`` synthetic chips merged in: decoded into
     memory when small (``hold_in_memory``), else checked by headers (cached) and read on demand."""
-    from cloudseg.data.io import ChipReadError, load_metadata
-    from cloudseg.data.validate import DatasetError
-
     root = resolve_data(cfg.data, cfg.synthetic_n)
     try:
         n = len(load_metadata(root, "train")) + cfg.mix_synthetic

@@ -132,14 +132,15 @@ def _files(feats: Path, labs: Path, ids: list[str], has_labels: bool) -> list[tu
 
 
 def _stat_key(root: Path, split: str, files: list[tuple[Path, str]], size: int) -> str:
-    """What a header check depends on: the files' names, sizes and modification times, and the chip size."""
+    """What a header check depends on: the files' chip folders and names, sizes and modification times, and the
+    chip size (a renamed chip is another split)."""
     h = hashlib.sha256(f"{root.resolve()}:{split}:{size}".encode())
     for path, _ in files:
         try:
             st = path.stat()
-            h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+            h.update(f"{path.parent.name}/{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
         except OSError:
-            h.update(f"{path.name}:missing;".encode())
+            h.update(f"{path.parent.name}/{path.name}:missing;".encode())
     return h.hexdigest()[:24]
 
 

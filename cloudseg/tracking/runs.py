@@ -129,7 +129,8 @@ def find_pretrained(cfg: Config) -> str | None:
     root = sources.resolve_data(cfg.data, cfg.synthetic_n)
     from cloudseg.data.validate import validate_split
 
-    fp = tracking.data_fingerprint(root, "train", validate_split(root, "train", labels=True).ids)
+    # the ids only: headers (cached) suffice, decoding every pixel of the pretraining data is not needed here
+    fp = tracking.data_fingerprint(root, "train", validate_split(root, "train", labels=True, deep=False).ids)
     want = {k: str(v) for k, v in cfg.to_dict().items() if k not in _NOT_LEARNED}
     client = MlflowClient()
     exp = client.get_experiment_by_name(cfg.experiment)
