@@ -70,8 +70,12 @@ def make_checkpoint(
     config: dict,
     epoch: int,
     metrics: dict | None = None,
+    bands: tuple[str, ...] | list[str] = BANDS,
 ) -> dict:
-    """Assemble the self-describing checkpoint dict (see the module docstring)."""
+    """Assemble the self-describing checkpoint dict (see the module docstring); ``bands`` are the model's input
+    channels in order (``model_args["in_channels"]`` of them)."""
+    if len(bands) != int(model_args.get("in_channels", len(BANDS))):
+        raise ValueError(f"{len(bands)} bands {list(bands)} for a model of in_channels={model_args.get('in_channels')}")
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -79,7 +83,7 @@ def make_checkpoint(
         "state_dict": fp32_state_dict(model),
         "normalization": _plain(normalization),
         "threshold": float(threshold),
-        "bands": list(BANDS),
+        "bands": [str(b) for b in bands],
         "config": _plain(config),
         "cloudseg_version": cloudseg.__version__,
         "epoch": int(epoch),

@@ -33,6 +33,7 @@ class Config:
     n_folds: int = 4  # location-grouped folds; 0 = leave-one-location-out
     fold: int = 0  # which fold validates this run
     cv: bool = False  # train every fold under one parent run and log the pooled out-of-fold cv_jaccard
+    bands: str = "B02,B03,B04,B08"  # the model's input bands, in order; others are added with `cloudseg add-bands`
     in_memory: str = "auto"  # hold the split's arrays: auto = when they fit in 1 GB (~420 chips), else read on demand
     # --- model
     arch: str = "Unet"  # smp architecture (see cloudseg.models.ARCHITECTURES)
@@ -235,3 +236,16 @@ def validate_config(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    from cloudseg.data.bands import parse_bands
+
+    try:
+        parse_bands(cfg.bands)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def config_bands(cfg: Config) -> tuple[str, ...]:
+    """The config's ``bands`` as a tuple of band names, in the model's input order."""
+    from cloudseg.data.bands import parse_bands
+
+    return parse_bands(cfg.bands)

@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from cloudseg import distributed as dist
 from cloudseg.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint, unwrap
-from cloudseg.config import Config
+from cloudseg.config import Config, config_bands
+from cloudseg.data.bands import BANDS
 from cloudseg.data.dataset import ChipDataset
-from cloudseg.data.transforms import Normalization, build_train_transform
+from cloudseg.data.transforms import build_train_transform, fit_normalization
 from cloudseg.data.validate import ValidatedSplit
 from cloudseg.losses import build_loss
 from cloudseg.metrics import JaccardAccumulator, ThresholdSweep
@@ -238,7 +239,11 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.dtype = autocast_dtype(cfg.precision, self.device)
         self.channels_last = use_channels_last(cfg.channels_last, self.device, self.dtype)
-        self.normalization = Normalization()
+        self.bands = config_bands(cfg)
+        if tuple(split.bands) != self.bands:
+            raise ValueError(f"the split was read with bands {','.join(split.bands)} but the config's bands are "
+                             f"{cfg.bands}")
+        self.normalization = fit_normalization(split, self.train_ids, self.bands, BANDS)
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
 
@@ -246,8 +251,9 @@ class Trainer:
     def build(self):
         cfg = self.cfg
         seed_everything(cfg.seed)
-        self.model_args = model_args(cfg.arch, cfg.encoder)
-        model = build_model(cfg.arch, cfg.encoder, encoder_weights=cfg.encoder_weights or None)
+        self.model_args = model_args(cfg.arch, cfg.encoder, in_channels=len(self.bands))
+        model = build_model(cfg.arch, cfg.encoder, encoder_weights=cfg.encoder_weights or None,
+                            in_channels=len(self.bands))
         if self.init_weights:
             load_init_weights(model, self.model_args, self.init_weights)
         model.to(self.device)
@@ -322,7 +328,7 @@ class Trainer:
 
     def _checkpoint(self, epoch: int, threshold: float, metrics: dict) -> dict:
         return make_checkpoint(unwrap(self.model), self.model_args, self.normalization.to_dict(), threshold,
-                               self.cfg.to_dict(), epoch, metrics)
+                               self.cfg.to_dict(), epoch, metrics, bands=self.bands)
 
     def _save_state(self, epoch: int, best: float, best_epoch: int, history: list[dict], since_best: int) -> None:
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),

@@ -19,11 +19,11 @@ import rasterio
 from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning
 
+from cloudseg.data.bands import BANDS, band_dtypes, parse_bands  # noqa: F401 (re-exported)
+
 # GDAL lists a file's folder on every open to look for sidecar files (.aux.xml, .ovr) that chips never have: a
 # fifth of the time of reading a chip's four bands. Users who rely on sidecars can set the variable themselves.
 os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
-
-BANDS: tuple[str, ...] = ("B02", "B03", "B04", "B08")
 CHIP_SIZE = 512
 METADATA_COLUMNS = ("chip_id", "location", "datetime", "cloudpath")
 
@@ -84,7 +84,7 @@ def read_chip(folder: Path | str, bands: tuple[str, ...] = BANDS) -> np.ndarray:
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise ChipReadError(f"{folder}: bands have different shapes {sorted(shapes)}")
-    return np.stack(arrays)
+    return np.stack(arrays).astype(np.uint16, copy=False)  # a uint8 class band (SCL) joins as uint16
 
 
 def read_label(path: Path | str) -> np.ndarray:

@@ -30,6 +30,9 @@ def merge_splits(base: ValidatedSplit, extra: ValidatedSplit, n_extra: int | Non
     """
     if not extra.has_labels:
         raise ValueError(f"merge_splits: {extra.root} ({extra.split}) has no labels to train on")
+    if tuple(extra.bands) != tuple(base.bands):
+        raise ValueError(f"merge_splits: {extra.root} ({extra.split}) was read with bands {','.join(extra.bands)} "
+                         f"but {base.root} with {','.join(base.bands)}: both need the same bands")
     ids = list(extra.ids)
     if n_extra is not None:
         if not 0 <= n_extra <= len(ids):
@@ -47,5 +50,6 @@ def merge_splits(base: ValidatedSplit, extra: ValidatedSplit, n_extra: int | Non
         masks={**base.masks, **{n: extra.masks[c] for n, c in zip(new_ids, ids) if c in extra.masks}},
         mixed_ids=list(base.mixed_ids) + new_ids,
         origin={**base.origin, **{n: extra.origin.get(c, (extra.root, extra.split, c)) for n, c in zip(new_ids, ids)}},
+        bands=tuple(base.bands),
     )
     return merged, new_ids

@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from cloudseg.config import Config
+from cloudseg.config import Config, config_bands
 from cloudseg.data.splits import exclude_from_training, fold_split, location_folds, read_id_list
-from cloudseg.data.io import ChipReadError, load_metadata
+from cloudseg.data.io import BANDS, ChipReadError, load_metadata
 from cloudseg.data.validate import DatasetError, ValidatedSplit, validate_split
 from cloudseg.paths import REPO_ROOT, real_data_dir
 
 SUSPECT_LIST = Path("reference") / "suspect_label_ids.txt"  # beside the splits of the real sample
 IN_MEMORY_BYTES = 1 << 30  # in_memory=auto holds a split whose arrays fit in this
-CHIP_BYTES = 512 * 512 * (4 * 2 + 1)  # four uint16 bands and a uint8 label
 MIXED_PREFIX = "syn_"  # ids and locations of synthetic chips mixed into a real split (config key mix_synthetic)
 
 
@@ -70,7 +69,8 @@ def hold_in_memory(cfg: Config, n_chips: int) -> bool:
     """Config key ``in_memory``: auto holds a split whose arrays fit in ``IN_MEMORY_BYTES`` (each chip is then
     decoded once per run), else chips are read from disk when drawn (memory O(batch))."""
     if cfg.in_memory == "auto":
-        return n_chips * CHIP_BYTES <= IN_MEMORY_BYTES
+        per_chip = 512 * 512 * (2 * len(config_bands(cfg)) + 1)  # uint16 bands and a uint8 label
+        return n_chips * per_chip <= IN_MEMORY_BYTES
     return cfg.in_memory == "true"
 
 
@@ -83,8 +83,10 @@ def load_split(cfg: Config) -> tuple[Path, ValidatedSplit]:
     except ChipReadError as exc:
         raise DatasetError(root, "train", [str(exc)]) from None
     load = hold_in_memory(cfg, n)
-    print(f"data: {root} ({n} chips, {'held in memory' if load else 'read from disk on demand'})", flush=True)
-    split = validate_split(root, "train", labels=True, load=load, deep=load)
+    bands = config_bands(cfg)
+    print(f"data: {root} ({n} chips, bands {','.join(bands)}, "
+          f"{'held in memory' if load else 'read from disk on demand'})", flush=True)
+    split = validate_split(root, "train", labels=True, load=load, deep=load, bands=bands)
     if cfg.mix_synthetic:
         from cloudseg.data.mixing import merge_splits
 
@@ -92,6 +94,9 @@ def load_split(cfg: Config) -> tuple[Path, ValidatedSplit]:
         if syn_root == root:
             raise ValueError(f"mix_synthetic={cfg.mix_synthetic}: the data already is the synthetic default; "
                              "mixing is for real data")
+        if bands != BANDS:
+            raise ValueError(f"mix_synthetic={cfg.mix_synthetic}: synthetic chips have only {','.join(BANDS)}, "
+                             f"not bands={cfg.bands}")
         syn = validate_split(syn_root, "train", labels=True, load=load, deep=load)
         if cfg.mix_synthetic > len(syn.ids):
             raise ValueError(f"mix_synthetic={cfg.mix_synthetic} but {syn_root} has {len(syn.ids)} chips")

@@ -42,6 +42,45 @@ class Normalization:
         return cls(float(d["divisor"]), float(d["clip"]), tuple(d["mean"]), tuple(d["std"]))
 
 
+STAT_CHIPS = 64  # chips whose pixels give a supplementary band's mean and std (evenly spaced over the ids)
+STAT_STRIDE = 4  # every 4th pixel in each direction: 16,384 pixels per chip
+
+
+def fit_normalization(split, ids: list[str], bands: tuple[str, ...], core: tuple[str, ...],
+                      divisor: float = 10000.0, clip: float = 2.0) -> Normalization:
+    """The normalisation of a model whose input is ``bands``: the competition's bands (``core``) keep mean 0 and
+    std 1 (reflectance as it is, as every 4-band model was trained); each supplementary band gets the mean and
+    std of ``clip(x / divisor, 0, clip)`` over the valid pixels (any core band > 0) of up to ``STAT_CHIPS``
+    training chips, so a class band such as SCL (0..11) and a reflectance band such as B11 both reach the model
+    at unit scale. Computed from the training ids only; the checkpoint stores the result.
+
+    Args:
+        split: a ``ValidatedSplit`` read with ``bands`` (``split.image`` returns them in this order).
+        ids: the training chips.
+    """
+    extra = [i for i, b in enumerate(bands) if b not in core]
+    mean, std = [0.0] * len(bands), [1.0] * len(bands)
+    if extra and ids:
+        picks = [ids[int(k)] for k in np.unique(np.linspace(0, len(ids) - 1, min(STAT_CHIPS, len(ids))).round())]
+        core_idx = [i for i, b in enumerate(bands) if b in core]
+        sums = np.zeros((len(extra), 2), dtype=np.float64)
+        count = 0
+        for chip_id in picks:
+            image = split.image(chip_id)[:, ::STAT_STRIDE, ::STAT_STRIDE]
+            valid = np.any(image[core_idx] > 0, axis=0) if core_idx else np.ones(image.shape[1:], bool)
+            x = np.clip(image[extra][:, valid].astype(np.float64) / divisor, 0.0, clip)
+            sums[:, 0] += x.sum(axis=1)
+            sums[:, 1] += np.square(x).sum(axis=1)
+            count += x.shape[1]
+        if count:
+            m = sums[:, 0] / count
+            sd = np.sqrt(np.maximum(sums[:, 1] / count - m ** 2, 0.0))
+            for j, i in enumerate(extra):
+                mean[i] = float(m[j])
+                std[i] = float(sd[j]) if sd[j] > 1e-8 else 1.0  # a constant band: centred, not scaled
+    return Normalization(divisor, clip, tuple(mean), tuple(std))
+
+
 def build_train_transform(crop_size: int | None, strength: float = 0.0, seed: int | None = None) -> A.Compose:
     """Random crop, the 8 flips/rotations of the square (D4), and, with ``strength`` > 0, mild affine warps,
     blur and per-chip brightness gain. One call transforms image (H, W, C float32) and mask (H, W) together.

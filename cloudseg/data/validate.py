@@ -16,6 +16,7 @@ import pandas as pd
 from cloudseg.data.io import (
     BANDS,
     CHIP_SIZE,
+    band_dtypes,
     ChipReadError,
     chip_folders,
     features_dir,
@@ -48,10 +49,11 @@ class ValidatedSplit:
     metadata: pd.DataFrame  # indexed by chip_id, ordered like ``ids``
     ids: list[str]
     has_labels: bool
-    images: dict[str, np.ndarray] = field(default_factory=dict)  # id -> (4, H, W) uint16
+    images: dict[str, np.ndarray] = field(default_factory=dict)  # id -> (len(bands), H, W) uint16
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # id -> (H, W) uint8
     mixed_ids: list[str] = field(default_factory=list)  # chips merged in from another dataset, for training only
     origin: dict[str, tuple[Path, str, str]] = field(default_factory=dict)  # merged id -> (root, split, own id)
+    bands: tuple[str, ...] = BANDS  # the band files read for each chip, in this order
 
     @property
     def in_memory(self) -> bool:
@@ -64,10 +66,10 @@ class ValidatedSplit:
         return features_dir(root, split) / own, labels_dir(root, split) / f"{own}.tif"
 
     def image(self, chip_id: str) -> np.ndarray:
-        """The chip's bands, from memory or read now. Shape: (4, H, W), uint16."""
+        """The chip's bands, from memory or read now. Shape: (len(bands), H, W), uint16."""
         if chip_id in self.images:
             return self.images[chip_id]
-        return read_chip(self.paths(chip_id)[0])
+        return read_chip(self.paths(chip_id)[0], self.bands)
 
     def mask(self, chip_id: str) -> np.ndarray:
         """The chip's label, from memory or read now (refused unless binary). Shape: (H, W), uint8."""
@@ -86,26 +88,29 @@ class ValidatedSplit:
         return [c for c in self.ids if c not in mixed]
 
 
-def _check_array(path: Path, arr: np.ndarray, dtype: str, size: int, problems: list[str]) -> bool:
+def _check_array(path: Path, arr: np.ndarray, dtypes: str | tuple[str, ...], size: int,
+                 problems: list[str]) -> bool:
+    dtypes = (dtypes,) if isinstance(dtypes, str) else dtypes
     ok = True
     if arr.shape != (size, size):
         problems.append(f"{path}: wrong shape {arr.shape[0]}x{arr.shape[1]}, expected {size}x{size}")
         ok = False
-    if arr.dtype != np.dtype(dtype):
-        problems.append(f"{path}: wrong dtype {arr.dtype}, expected {dtype}")
+    if arr.dtype.name not in dtypes:
+        problems.append(f"{path}: wrong dtype {arr.dtype}, expected {' or '.join(dtypes)}")
         ok = False
     return ok
 
 
-def _check_header(path: Path, dtype: str, size: int) -> list[str]:
+def _check_header(path: Path, dtypes: str | tuple[str, ...], size: int) -> list[str]:
     """Problems of one TIF from its header, plus its last pixel (a truncated file fails to decode it)."""
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
     from rasterio.windows import Window
     import warnings
 
+    dtypes = (dtypes,) if isinstance(dtypes, str) else dtypes
     if not path.is_file():
-        return [f"{path}: {'label file' if dtype == 'uint8' else 'file'} is missing"]
+        return [f"{path}: {'label file' if dtypes == ('uint8',) else 'file'} is missing"]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -115,8 +120,8 @@ def _check_header(path: Path, dtype: str, size: int) -> list[str]:
                     problems.append(f"{path}: expected 1 band, found {src.count}")
                 if (src.height, src.width) != (size, size):
                     problems.append(f"{path}: wrong shape {src.height}x{src.width}, expected {size}x{size}")
-                if src.dtypes[0] != dtype:
-                    problems.append(f"{path}: wrong dtype {src.dtypes[0]}, expected {dtype}")
+                if src.dtypes[0] not in dtypes:
+                    problems.append(f"{path}: wrong dtype {src.dtypes[0]}, expected {' or '.join(dtypes)}")
                 if not problems:
                     src.read(1, window=Window(src.width - 1, src.height - 1, 1, 1))
                 return problems
@@ -124,11 +129,24 @@ def _check_header(path: Path, dtype: str, size: int) -> list[str]:
         return [f"{path}: unreadable or truncated TIF ({exc})"]
 
 
-def _files(feats: Path, labs: Path, ids: list[str], has_labels: bool) -> list[tuple[Path, str]]:
-    out = [(feats / c / f"{b}.tif", "uint16") for c in ids for b in BANDS]
+def _files(feats: Path, labs: Path, ids: list[str], has_labels: bool,
+           bands: tuple[str, ...] = BANDS) -> list[tuple[Path, tuple[str, ...]]]:
+    out = [(feats / c / f"{b}.tif", band_dtypes(b)) for c in ids for b in bands]
     if has_labels:
-        out += [(labs / f"{c}.tif", "uint8") for c in ids]
+        out += [(labs / f"{c}.tif", ("uint8",)) for c in ids]
     return out
+
+
+def _missing_band_hint(root: Path, split: str, bands: tuple[str, ...], problems: list[str]) -> list[str]:
+    """One more line where supplementary band files are missing: the command that fetches them."""
+    suffix = ": file is missing"
+    missing = [Path(p[: -len(suffix)]) for p in problems if p.endswith(suffix)]
+    missing = [f for f in missing if f.stem in bands and f.stem not in BANDS]
+    if not missing:
+        return []
+    lacking = ",".join(b for b in bands if b in {f.stem for f in missing})
+    return [f"{len({f.parent.name for f in missing})} chip(s) lack supplementary band(s) {lacking}: "
+            f"`cloudseg add-bands --data {root} --bands {lacking} --split {split}` fetches them from a STAC API"]
 
 
 def _stat_key(root: Path, split: str, files: list[tuple[Path, str]], size: int) -> str:
@@ -151,10 +169,10 @@ def _header_cache() -> Path:
 
 
 def check_headers(root: Path, split: str, ids: list[str], has_labels: bool, size: int = CHIP_SIZE,
-                  workers: int = 16) -> list[str]:
+                  workers: int = 16, bands: tuple[str, ...] = BANDS) -> list[str]:
     """Every band and label file's header (names, sizes, shapes, dtypes) and last pixel, read in parallel; a
     split that passed is remembered by its files' sizes and times, so the next run start checks nothing."""
-    files = _files(features_dir(root, split), labels_dir(root, split), ids, has_labels)
+    files = _files(features_dir(root, split), labels_dir(root, split), ids, has_labels, bands)
     key = _stat_key(root, split, files, size)
     marker = _header_cache() / f"{key}.json"
     if marker.is_file():
@@ -177,6 +195,7 @@ def validate_split(
     load: bool = False,
     size: int = CHIP_SIZE,
     deep: bool = True,
+    bands: tuple[str, ...] = BANDS,
 ) -> ValidatedSplit:
     """Validate ``<split>_features``, ``<split>_labels`` and ``<split>_metadata.csv`` under ``root``.
 
@@ -191,6 +210,7 @@ def validate_split(
         load: Keep the decoded arrays in the result, so a run decodes each chip once.
         size: Expected chip height and width.
         deep: Decode every pixel (else headers only).
+        bands: The band files every chip must have (supplementary ones: ``cloudseg add-bands``).
 
     Raises:
         DatasetError: listing every problem found.
@@ -228,25 +248,27 @@ def validate_split(
     ids = [c for c in dict.fromkeys(meta_ids) if c in folders]
     if not meta_ids:
         problems.append(f"{root / f'{split}_metadata.csv'}: no chips (the metadata has a header and no rows)")
-    out = ValidatedSplit(root, split, meta.drop_duplicates("chip_id").set_index("chip_id").loc[ids], ids, has_labels)
+    bands = tuple(bands)
+    out = ValidatedSplit(root, split, meta.drop_duplicates("chip_id").set_index("chip_id").loc[ids], ids, has_labels,
+                         bands=bands)
     if not (deep or load):
-        problems += check_headers(root, split, ids, has_labels, size)
+        problems += check_headers(root, split, ids, has_labels, size, bands=bands)
         if problems:
-            raise DatasetError(root, split, problems)
+            raise DatasetError(root, split, problems + _missing_band_hint(root, split, bands, problems))
         return out
     for chip_id in ids:
-        bands = []
-        for band in BANDS:
+        arrays = []
+        for band in bands:
             path = feats / chip_id / f"{band}.tif"
             try:
                 arr = read_band(path)
             except ChipReadError as exc:
                 problems.append(str(exc))
                 continue
-            if _check_array(path, arr, "uint16", size, problems):
-                bands.append(arr)
-        if load and len(bands) == len(BANDS):
-            out.images[chip_id] = np.stack(bands)
+            if _check_array(path, arr, band_dtypes(band), size, problems):
+                arrays.append(arr)
+        if load and len(arrays) == len(bands):
+            out.images[chip_id] = np.stack(arrays).astype(np.uint16, copy=False)
         if has_labels:
             path = labs / f"{chip_id}.tif"
             try:
@@ -261,5 +283,5 @@ def validate_split(
                 elif load:
                     out.masks[chip_id] = lab
     if problems:
-        raise DatasetError(root, split, problems)
+        raise DatasetError(root, split, problems + _missing_band_hint(root, split, bands, problems))
     return out
