@@ -264,6 +264,37 @@ def predict(
     typer.echo(f"throughput pixels_per_s={stats.pixels_per_s:.1f} pixels={stats.pixels} seconds={stats.seconds:.3f}")
 
 
+@app.command("add-bands")
+def add_bands_cmd(
+    data: Path = typer.Option(..., "--data", help="Folder in the competition layout."),
+    bands: str = typer.Option(..., "--bands", help="Supplementary bands to add, comma-separated (e.g. B11,SCL): "
+                              "the collection's asset names."),
+    split: str = typer.Option("train", "--split", help="train or test."),
+    stac: Optional[str] = typer.Option(None, "--stac", help="STAC API root (default: the Planetary Computer's)."),
+    collection: str = typer.Option("sentinel-2-l2a", "--collection", help="STAC collection to search."),
+    workers: int = typer.Option(8, "--workers", help="Chips fetched at once."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per HTTP request (default 30)."),
+) -> None:
+    """Write <chip>/<band>.tif beside each chip's four bands, from a STAC API (resumable; failures listed)."""
+    from cloudseg.data import stac as st
+
+    try:
+        result = st.add_bands(data, bands, split, stac or st.PLANETARY_COMPUTER, collection, workers, timeout)
+    except (st.AddBandsError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: written bands were kept; run again to resume", err=True)
+        raise typer.Exit(130)
+    typer.echo(f"{split}: {len(result.done)} chips written, {len(result.skipped)} already complete, "
+               f"{len(result.failed)} failed; {result.seconds:.1f} s "
+               f"({result.seconds_per_chip:.3f} s per chip written)")
+    if result.failed:
+        typer.echo(f"error: {len(result.failed)} chip(s) got no {bands}: listed with the reason in {result.report}; "
+                   "run again to retry them", err=True)
+        raise typer.Exit(1)
+
+
 @app.command()
 def download(
     dest: Path = typer.Option(..., "--dest", help="Folder to fill with the competition layout and download.json."),

@@ -26,6 +26,11 @@ PINS=(
   "tifffile==2021.8.8"
   "pillow==8.2.0"
   "pandas==1.2.5"
+  # STAC access for models with supplementary bands (main.py + stac_bands.py); planetary-computer 0.4.2 was
+  # written against pydantic 1 (BaseSettings), which the runtime had
+  "pystac-client==0.3.1"
+  "planetary-computer==0.4.2"
+  "pydantic==1.8.2"
 )
 
 log() { echo "[runtime-env] $*"; }
@@ -87,6 +92,7 @@ pip_quiet "${PINS[@]}"
 log "checking imports"
 "$VENV/bin/python" - <<'EOF'
 import PIL, numpy, pandas, rasterio, segmentation_models_pytorch as smp, tifffile, timm, torch, torchvision
+import planetary_computer, pystac_client
 print(f"[runtime-env] python ok: torch {torch.__version__}, torchvision {torchvision.__version__}, smp {smp.__version__}, "
       f"timm {timm.__version__}, numpy {numpy.__version__}, rasterio {rasterio.__version__}, pillow {PIL.__version__}")
 EOF

@@ -197,7 +197,7 @@ def test_real_submission_passes_and_cli_prints_jaccard(tmp_path, data):
     (folder / "__pycache__" / "junk.pyc").write_bytes(b"")  # left out by zip_submission
     zip_path = zip_submission(folder, tmp_path / "sub.zip")
     names = sorted(zipfile.ZipFile(zip_path).namelist())
-    assert names == ["assets/inference.json", "assets/model_0.pt", "main.py"]
+    assert names == ["assets/inference.json", "assets/model_0.pt", "main.py", "stac_bands.py"]
     result = CliRunner().invoke(app, ["verify-submission", str(zip_path), "--features",
                                       str(data / "features"), "--labels", str(data / "labels"),
                                       "--timeout", "600"])

@@ -3,6 +3,8 @@
 A submission folder (what ``experiments/promote.py`` writes, and what ``main.py`` expects)::
 
     main.py                  copy of cloudseg/submission/main.py (self-contained, runtime versions only)
+    stac_bands.py            copy of cloudseg/submission/stac_bands.py, which main.py imports only where a model
+                             reads supplementary bands (inference.json then has "stac": {...})
     assets/model_<k>.pt      cloudseg checkpoints (cloudseg.checkpoint.make_checkpoint), k = 0, 1, ...
     assets/inference.json    {"models": ["assets/model_0.pt", ...], "threshold": 0.5 | null, "tta": "flip",
                               "batch_size": 8, "num_workers": 2, "amp": false, "compression": null}
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 MAIN_TEMPLATE = Path(__file__).resolve().with_name("main.py")
+STAC_TEMPLATE = Path(__file__).resolve().with_name("stac_bands.py")  # beside main.py where models need STAC bands
 TTA_CHOICES = ("none", "hflip", "flip", "flip4", "d4")
 # Left out of zips besides every name starting with '.' (.env, .git, .ipynb_checkpoints, ...).
 _SKIP_PARTS = {"__pycache__", "mlruns", "mlartifacts"}
@@ -36,6 +39,7 @@ def write_submission(
     num_workers: int = 2,
     amp: bool = False,
     compression: str | None = None,
+    stac: dict | None = None,
 ) -> Path:
     """Copy the main.py template and the checkpoints into ``folder`` and write ``assets/inference.json``.
 
@@ -43,6 +47,8 @@ def write_submission(
         checkpoints: cloudseg checkpoint files, copied to ``assets/model_<k>.pt`` in order (the ensemble).
         threshold: cloud where mean probability >= threshold; None: the first checkpoint's stored threshold.
         tta: one of ``TTA_CHOICES``; predictions are averaged in probability space.
+        stac: for models reading supplementary bands, where main.py fetches them (``{"url", "collection",
+            "budget_s", "workers"}``). ``stac_bands.py`` is always copied beside main.py (which imports it only then).
 
     Returns:
         The folder.
@@ -55,6 +61,7 @@ def write_submission(
     assets = folder / "assets"
     assets.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(MAIN_TEMPLATE, folder / "main.py")
+    shutil.copyfile(STAC_TEMPLATE, folder / "stac_bands.py")
     models = []
     for k, ckpt in enumerate(checkpoints):
         ckpt = Path(ckpt)
@@ -64,6 +71,8 @@ def write_submission(
         models.append(f"assets/model_{k}.pt")
     inference = {"models": models, "threshold": threshold, "tta": tta, "batch_size": int(batch_size),
                  "num_workers": int(num_workers), "amp": bool(amp), "compression": compression}
+    if stac:
+        inference["stac"] = dict(stac)
     (assets / "inference.json").write_text(json.dumps(inference, indent=2) + "\n")
     return folder
 

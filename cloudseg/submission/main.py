@@ -2,8 +2,8 @@
 
 This file is copied unchanged into every submission as ``main.py``. It is self-contained and runs under the
 competition runtime (Python 3.9, torch 1.8, segmentation-models-pytorch 0.2.1): it imports only numpy, torch,
-segmentation_models_pytorch, rasterio (tifffile or PIL as fallbacks), PIL and the standard library, and never
-opens a network connection.
+segmentation_models_pytorch, rasterio (tifffile or PIL as fallbacks), PIL and the standard library, and opens no
+network connection, except for models that read supplementary bands (below).
 
 Contract:
     reads   $CLOUDSEG_ROOT/data/test_features/<chip_id>/B02.tif B03.tif B04.tif B08.tif (root: /codeexecution)
@@ -21,6 +21,15 @@ Assets, relative to this file's folder::
     assets/model_<k>.pt    {"model": {"arch", "encoder_name", "in_channels", "classes", "kwargs"},
                             "state_dict", "normalization": {"divisor", "clip", "mean", "std"},
                             "threshold", "bands": ["B02", "B03", "B04", "B08"], ...}
+
+Supplementary bands: where a model reads bands the test chips do not have (e.g. B11, SCL), ``inference.json`` has
+``"stac": {"url", "collection", "budget_s", "workers"}`` (``stac_bands.py`` lies beside this file). Each chip's
+missing bands are then fetched from that STAC API (the only network the runtime allows; ``CLOUDSEG_STAC_URL``
+overrides the URL), by the chip's bounds and its ``datetime`` in ``$CLOUDSEG_ROOT/data/test_metadata.csv``, on
+``workers`` reader threads, each chip within ``budget_s`` seconds. Fallback: a band that cannot be had (no
+metadata row, no matching item, the server failing or too slow) is filled with its training mean, i.e. the model
+sees 0 after normalisation, the value it saw most; the chip still gets a prediction, its ``ERROR chip=`` line says
+why, and the last lines list every chip that used the fallback.
 
 Without inference.json every ``assets/*.pt`` is used with the defaults above. Each checkpoint's normalisation
 (``(clip(x / divisor, 0, clip) - mean) / std`` per band) and band order are applied exactly as in training.
@@ -188,15 +197,25 @@ def read_band(path: Path) -> Tuple[Optional[np.ndarray], Optional[str]]:
     return band, ("%s: %s" % (path, ", ".join(problems)) if problems else None)
 
 
-def read_chip(folder: Path, bands: Sequence[str]) -> Tuple[Optional[np.ndarray], List[str]]:
-    """Read a chip's bands as raw float32 reflectance x 10,000 with the fallbacks of the module docstring.
+def read_chip(folder: Path, bands: Sequence[str],
+              supplement: Optional["Supplement"] = None) -> Tuple[Optional[np.ndarray], List[str]]:
+    """Read a chip's bands as raw float32 reflectance x 10,000 with the fallbacks of the module docstring; with
+    ``supplement``, its supplementary bands that the folder lacks are fetched (or filled: see the docstring).
 
     Returns:
         (image, problems): image is None when no band was readable. Shape of image: (len(bands), 512, 512).
     """
     arrays = []  # type: List[Optional[np.ndarray]]
     problems = []  # type: List[str]
+    fetched = {}  # type: Dict[str, np.ndarray]
+    if supplement is not None:
+        lacking = [b for b in supplement.bands if b in bands and not (folder / (b + ".tif")).is_file()]
+        if lacking:
+            fetched = supplement.get(folder, lacking, problems)
     for name in bands:
+        if name in fetched:
+            arrays.append(fetched[name])
+            continue
         band, problem = read_band(folder / (name + ".tif"))
         arrays.append(band)
         if problem:
@@ -209,6 +228,109 @@ def read_chip(folder: Path, bands: Sequence[str]) -> Tuple[Optional[np.ndarray],
         arrays = [a if a is not None else fill for a in arrays]
         problems.append("missing band(s) filled with the mean of the readable ones")
     return np.stack(arrays), problems
+
+
+class Supplement(object):
+    """Supplementary bands from a STAC API for chips that lack them (see the module docstring)."""
+
+    def __init__(self, bands: Sequence[str], fill: Dict[str, float], stac: Dict[str, Any],
+                 metadata_csv: Path) -> None:
+        if str(HERE) not in sys.path:
+            sys.path.insert(0, str(HERE))
+        import stac_bands
+
+        self.module = stac_bands
+        self.bands = list(bands)
+        self.fill = dict(fill)  # band -> raw value used when the band cannot be had
+        url = os.environ.get("CLOUDSEG_STAC_URL") or stac.get("url") or stac_bands.PLANETARY_COMPUTER
+        self.fetcher = stac_bands.StacBands(url, stac.get("collection") or stac_bands.DEFAULT_COLLECTION,
+                                            timeout_s=float(stac.get("timeout_s", 20.0)),
+                                            retries=int(stac.get("retries", stac_bands.RETRIES)))
+        self.budget_s = float(stac.get("budget_s", 60.0))
+        self.workers = max(1, int(stac.get("workers", 8)))
+        # a dead or unreachable API must not cost budget_s per chip for every chip: after this many chips in a
+        # row fail, or once total_budget_s is spent on fetching, the remaining chips use the fallback at once
+        self.max_failures_in_row = max(1, int(stac.get("max_failures_in_row", 16)))
+        self.total_budget_s = float(stac.get("total_budget_s", 2 * 3600.0))
+        self.started = time.time()
+        self.in_row = 0
+        self.gave_up = None  # type: Optional[str]
+        self.times = {}  # type: Dict[str, str]
+        self.metadata_problem = None  # type: Optional[str]
+        if metadata_csv.is_file():
+            import csv
+
+            with open(str(metadata_csv), newline="", encoding="utf-8") as fh:
+                for row in csv.DictReader(fh):
+                    if row.get("chip_id") and row.get("datetime"):
+                        self.times[row["chip_id"]] = row["datetime"]
+        else:
+            self.metadata_problem = "no %s: no chip can be matched to an acquisition" % metadata_csv
+        self.lock = threading.Lock()
+        self.fetched, self.fallback = 0, []  # type: int, List[str]
+        self.seconds = 0.0
+
+    def describe(self) -> str:
+        return ("stac url=%s collection=%s bands=%s budget_s=%.0f workers=%d metadata_rows=%d"
+                % (self.fetcher.url, self.fetcher.collection, ",".join(self.bands), self.budget_s, self.workers,
+                   len(self.times)))
+
+    def get(self, folder: Path, bands: Sequence[str], problems: List[str]) -> Dict[str, np.ndarray]:
+        """The chip's ``bands`` as float32 (fetched, else filled); appends what went wrong to ``problems``."""
+        t = time.time()
+        chip = folder.name
+        try:
+            if self.metadata_problem or self.gave_up:
+                raise self.module.FetchError(self.metadata_problem or self.gave_up)
+            if time.time() - self.started > self.total_budget_s:
+                with self.lock:
+                    self._give_up("the STAC time budget of %.0f s for the run is spent" % self.total_budget_s)
+                raise self.module.FetchError(self.gave_up)
+            if chip not in self.times:
+                raise self.module.FetchError("no datetime for the chip in test_metadata.csv")
+            grid = self.module.chip_grid(folder / (DEFAULT_BANDS[0] + ".tif"))
+            when = self.module.parse_time(self.times[chip])
+            arrays, _ = self.module.run_with_budget(lambda: self.fetcher.fetch(grid, when, bands), self.budget_s)
+            out = {b: arrays[b].astype(np.float32) for b in bands}
+            with self.lock:
+                self.fetched += 1
+                self.in_row = 0
+                self.seconds += time.time() - t
+            return out
+        except Exception as exc:  # FetchError, or anything else: the chip still gets a prediction
+            problems.append("%s: STAC fetch failed (%s); filled with the training mean (fallback)"
+                            % (",".join(bands), _reason(exc)))
+            with self.lock:
+                self.fallback.append(chip)
+                self.seconds += time.time() - t
+                self.in_row += 1
+                if self.in_row >= self.max_failures_in_row and not (self.gave_up or self.metadata_problem):
+                    self._give_up("%d chips in a row failed to fetch" % self.in_row)
+            return {b: np.full((CHIP_SIZE, CHIP_SIZE), self.fill.get(b, 0.0), dtype=np.float32) for b in bands}
+
+    def _give_up(self, why: str) -> None:
+        """Stop fetching: every later chip uses the fallback at once (logged once)."""
+        if not self.gave_up:
+            self.gave_up = "STAC given up: %s" % why
+            log("ERROR %s; the remaining chips use the fallback" % self.gave_up)
+
+    def report(self) -> None:
+        log("stac fetched=%d fallback=%d seconds_per_chip=%.3f"
+            % (self.fetched, len(self.fallback), self.seconds / max(self.fetched + len(self.fallback), 1)))
+        if self.fallback:
+            log("stac fallback chips (%d): %s" % (len(self.fallback), " ".join(sorted(self.fallback))))
+
+
+def band_fill(members: Sequence["Member"], bands: Sequence[str]) -> Dict[str, float]:
+    """Each band's training mean in raw units (mean x divisor), from the first model that reads it."""
+    fill = {}
+    for k, name in enumerate(bands):
+        for m in members:
+            if k in m.band_index:
+                pos = m.band_index.index(k)
+                fill[name] = float(m.mean.view(-1)[pos].item()) * m.divisor
+                break
+    return fill
 
 
 def list_chips(features: Path) -> List[str]:
@@ -467,10 +589,11 @@ class Batch(NamedTuple):
     x: Optional[torch.Tensor]  # raw reflectance (len(good), C, 512, 512) float32; None when none readable
 
 
-def safe_read(folder: Path, bands: Sequence[str]) -> Tuple[Optional[np.ndarray], List[str]]:
+def safe_read(folder: Path, bands: Sequence[str],
+              supplement: Optional[Supplement] = None) -> Tuple[Optional[np.ndarray], List[str]]:
     """``read_chip`` that never raises: a reader bug must not cost more than this chip."""
     try:
-        return read_chip(folder, bands)
+        return read_chip(folder, bands, supplement)
     except Exception as exc:
         return None, ["%s: unexpected read failure (%r)" % (folder, exc)]
 
@@ -487,7 +610,8 @@ def make_batch(items: List[Tuple[str, Optional[np.ndarray], List[str]]], pin: bo
 
 
 def read_batches(features: Path, chips: Sequence[str], bands: Sequence[str], batch_size: int,
-                 num_workers: int, io_init: Optional[Callable[[], None]]) -> Iterator[List[tuple]]:
+                 num_workers: int, io_init: Optional[Callable[[], None]],
+                 supplement: Optional[Supplement] = None) -> Iterator[List[tuple]]:
     """``(chip, image, problems)`` items in chip order, ``batch_size`` at a time (the last may be shorter).
 
     ``num_workers`` threads read up to ``max(2 * batch_size, 2 * num_workers)`` chips ahead of the batch in
@@ -495,12 +619,12 @@ def read_batches(features: Path, chips: Sequence[str], bands: Sequence[str], bat
     """
     ahead = max(2 * batch_size, 2 * num_workers)
     with ThreadPoolExecutor(num_workers, thread_name_prefix="read", initializer=io_init) as readers:
-        window = deque(readers.submit(safe_read, features / c, bands) for c in chips[:ahead])
+        window = deque(readers.submit(safe_read, features / c, bands, supplement) for c in chips[:ahead])
         items = []  # type: List[tuple]
         for i, chip in enumerate(chips):
             image, problems = window.popleft().result()
             if i + ahead < len(chips):
-                window.append(readers.submit(safe_read, features / chips[i + ahead], bands))
+                window.append(readers.submit(safe_read, features / chips[i + ahead], bands, supplement))
             items.append((chip, image, problems))
             if len(items) == batch_size or i == len(chips) - 1:
                 yield items
@@ -511,20 +635,20 @@ class BatchReader(object):
     """Reads batches on a producer thread, at most 3 ahead of the model; ``get()`` is None after the last."""
 
     def __init__(self, features: Path, chips: Sequence[str], bands: Sequence[str], batch_size: int,
-                 num_workers: int, pin: bool, io_nice: bool) -> None:
+                 num_workers: int, pin: bool, io_nice: bool, supplement: Optional[Supplement] = None) -> None:
         self.queue = queue.Queue(maxsize=3)  # type: queue.Queue
         self.error = None  # type: Optional[BaseException]
-        args = (features, chips, bands, batch_size, num_workers, pin, io_nice)
+        args = (features, chips, bands, batch_size, num_workers, pin, io_nice, supplement)
         self.thread = threading.Thread(target=self._produce, args=args, name="producer", daemon=True)
         self.thread.start()
 
     def _produce(self, features: Path, chips: Sequence[str], bands: Sequence[str], batch_size: int,
-                 num_workers: int, pin: bool, io_nice: bool) -> None:
+                 num_workers: int, pin: bool, io_nice: bool, supplement: Optional[Supplement]) -> None:
         try:
             if io_nice:
                 background_priority()
             io_init = background_priority if io_nice else None
-            for items in read_batches(features, chips, bands, batch_size, num_workers, io_init):
+            for items in read_batches(features, chips, bands, batch_size, num_workers, io_init, supplement):
                 self.queue.put(make_batch(items, pin))
         except BaseException as exc:
             self.error = exc
@@ -666,6 +790,15 @@ def run(root: Path, base: Path = HERE) -> int:
     num_workers = max(1, int(config["num_workers"]))
     amp = bool(config.get("amp")) and device.type == "cuda"
     chips = list_chips(features)
+    supplement = None
+    extra = [b for b in bands if b not in DEFAULT_BANDS]
+    if extra:
+        supplement = Supplement(extra, band_fill(members, bands), dict(config.get("stac") or {}),
+                                root / "data" / "test_metadata.csv")
+        num_workers = max(num_workers, supplement.workers)  # readers mostly wait on the network
+        log(supplement.describe())
+        if supplement.metadata_problem:
+            log("ERROR %s" % supplement.metadata_problem)
     log("models=%d [%s] bands=%s tta=%s(%d views) threshold=%.4f batch_size=%d readers=%d device=%s amp=%s "
         "torch_threads=%d load_s=%.1f torch=%s"
         % (len(members), ", ".join(m.path.name for m in members), ",".join(bands), config["tta"], len(views),
@@ -678,7 +811,7 @@ def run(root: Path, base: Path = HERE) -> int:
     # see background_priority; on GPU the cores are free for I/O anyway. CLOUDSEG_IO_NICE=0 turns it off.
     io_nice = device.type == "cpu" and os.environ.get("CLOUDSEG_IO_NICE", "1") != "0"
     t0 = time.time()
-    reader = BatchReader(features, chips, bands, batch_size, num_workers, device.type == "cuda", io_nice)
+    reader = BatchReader(features, chips, bands, batch_size, num_workers, device.type == "cuda", io_nice, supplement)
     # Where the model's thread spends its time: waiting for input or for writers means the pipeline, not the
     # model, limits the speed.
     timings = {"wait_input": 0.0, "compute": 0.0, "wait_output": 0.0}
@@ -700,6 +833,8 @@ def run(root: Path, base: Path = HERE) -> int:
     seconds = time.time() - t0
     if reader.error is not None:
         log("ERROR reading pipeline stopped: %r" % (reader.error,))
+    if supplement is not None:
+        supplement.report()
     return 1 if report_done(chips, out_dir, seconds, len(writer.failed), timings) else 0
 
 

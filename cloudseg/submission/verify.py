@@ -68,7 +68,7 @@ RUNTIME_IMPORTS = frozenset({
     "numpy", "torch", "torchvision", "segmentation_models_pytorch", "timm", "pandas", "rasterio", "tifffile",
     "PIL", "sklearn", "skimage", "scipy", "albumentations", "ttach", "loguru", "typer", "tqdm",
     "pystac_client", "planetary_computer", "xarray", "stackstac", "pytorch_lightning", "efficientnet_pytorch",
-    "pretrainedmodels", "cv2", "yaml", "affine", "click",
+    "pretrainedmodels", "cv2", "yaml", "affine", "click", "requests", "pystac",  # the last two: pystac-client's
 })
 
 _FORBIDDEN_PARTS = {"__pycache__", ".ipynb_checkpoints", ".git", ".env", ".netrc", ".pypirc", ".aws", ".ssh",
@@ -78,6 +78,9 @@ _FORBIDDEN_SUFFIXES = {".pyc", ".pyo", ".ipynb", ".pem", ".key", ".p12", ".pfx",
 _GUARD = '''"""Installed by cloudseg verify-submission: refuse and report internet connections from Python."""
 import os
 import sys
+
+
+_ALLOWED = frozenset(h for h in os.environ.get("CLOUDSEG_NETWORK_ALLOW", "").split(",") if h)
 
 
 def _cloudseg_network_guard(event, args):
@@ -91,6 +94,11 @@ def _cloudseg_network_guard(event, args):
         target = args[1]
     else:
         target = args[0]
+    host = target[0] if isinstance(target, tuple) and target else target
+    if isinstance(host, bytes):
+        host = host.decode("ascii", "replace")
+    if host in _ALLOWED:
+        return  # the submission's declared STAC endpoint (its name and addresses)
     message = "%s %s %r (pid %d)" % ("''' + NETWORK_MARK + '''", event, target, os.getpid())
     path = os.environ.get("CLOUDSEG_NETWORK_LOG")
     if path:
@@ -387,8 +395,12 @@ def make_sandbox(python: str, work: Path, hold: Path) -> Sandbox:
     return Sandbox([], user, network, False, uid, gid, popen, weaker)
 
 
-def sandbox_env(home: Path, codeexecution: Path, guard_dir: Path, net_log: Path) -> tuple[dict, list[str]]:
-    """main.py's environment from the allow-list, and the names of the caller's variables withheld."""
+def sandbox_env(home: Path, codeexecution: Path, guard_dir: Path, net_log: Path,
+                allow_hosts: list[str] = ()) -> tuple[dict, list[str]]:
+    """main.py's environment from the allow-list, and the names of the caller's variables withheld.
+
+    ``allow_hosts`` (a STAC submission's endpoint: its name and addresses) are the only hosts the audit hook lets
+    main.py's Python reach, directly (``NO_PROXY``) rather than through the dead proxy."""
     env = {k: v for k, v in os.environ.items() if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES)}
     blackhole = "http://127.0.0.1:9"  # discard port: connections fail at once
     env.setdefault("PATH", os.defpath)
@@ -396,7 +408,8 @@ def sandbox_env(home: Path, codeexecution: Path, guard_dir: Path, net_log: Path)
         HOME=str(home), TMPDIR=str(home / "tmp"), CLOUDSEG_ROOT=str(codeexecution), PYTHONPATH=str(guard_dir),
         PYTHONUNBUFFERED="1", PYTHONNOUSERSITE="1", PYTHONDONTWRITEBYTECODE="1", HF_HUB_OFFLINE="1",
         HTTP_PROXY=blackhole, HTTPS_PROXY=blackhole, http_proxy=blackhole, https_proxy=blackhole,
-        ALL_PROXY=blackhole, NO_PROXY="", no_proxy="", CLOUDSEG_NETWORK_LOG=str(net_log),
+        ALL_PROXY=blackhole, NO_PROXY=",".join(allow_hosts), no_proxy=",".join(allow_hosts),
+        CLOUDSEG_NETWORK_LOG=str(net_log), CLOUDSEG_NETWORK_ALLOW=",".join(allow_hosts),
     )
     return env, sorted(set(os.environ) - set(env))
 
@@ -629,6 +642,17 @@ def verify_submission(
         with zipfile.ZipFile(zip_path) as zf:
             zf.extractall(codeexecution)
         shutil.copytree(features, data / "test_features", symlinks=False)
+        metadata = features.with_name(features.name.removesuffix("_features") + "_metadata.csv")
+        if features.name.endswith("_features") and metadata.is_file():  # chip times, for STAC-band submissions
+            shutil.copyfile(metadata, data / "test_metadata.csv")
+        stac = _stac_of(codeexecution)
+        allow_hosts = _endpoint_hosts(str(stac.get("url") or "")) if stac else []
+        if stac:
+            reach = ("main.py has no network in its namespace, so every chip takes its documented fallback (the "
+                     "training mean): this checks the fallback path and the format, not the fetched pixels"
+                     if sandbox.isolated else "the audit hook lets main.py's Python reach only that endpoint")
+            echo(f"network: this submission fetches bands {','.join(stac.get('bands') or [])} from "
+                 f"{stac.get('url')} (allowed: {', '.join(allow_hosts)}); {reach}")
         before = hash_tree(data)
         _set_tree_mode(data, writable=False)
         guard = write_network_guard(work / "guard")
@@ -636,7 +660,7 @@ def verify_submission(
             _own(folder, sandbox, mode)
         writable = {data, pred_dir, home, net_dir}
         _set_submission_mode(codeexecution, writable, writable=False)
-        env, withheld = sandbox_env(home, codeexecution, guard, net_dir / "network.log")
+        env, withheld = sandbox_env(home, codeexecution, guard, net_dir / "network.log", allow_hosts)
         passed = sorted(k for k in env if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES))
         echo(f"user: {sandbox.user}; environment: allow-listed {passed}, HOME and TMPDIR in {home}, verify's "
              f"own settings; withheld from main.py: {', '.join(withheld) or 'none'}")
@@ -716,6 +740,33 @@ def verify_submission(
         echo(f"WARNING weaker check: {w} (accepted with --allow-network-check-skip)")
     echo(result.last_line)
     return result
+
+
+def _endpoint_hosts(url: str) -> list[str]:
+    """A URL's host name and the addresses it resolves to here (what the audit hook sees main.py connect to)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return []
+    hosts = [parts.hostname]
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        hosts += sorted({info[4][0] for info in socket.getaddrinfo(parts.hostname, port)} - {parts.hostname})
+    except OSError:  # not resolvable here: main.py will not reach it either
+        pass
+    return hosts
+
+
+def _stac_of(codeexecution: Path) -> dict | None:
+    """The ``stac`` entry of the submission's inference.json (models with supplementary bands), if any."""
+    import json
+
+    try:
+        return json.loads((codeexecution / "assets" / "inference.json").read_text()).get("stac") or None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 class _Stop(Exception):

@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="write the folder and zip only, without a version in MLflow's model registry")
     p.add_argument("--threshold", type=float, default=None,
                    help="decision threshold (default: the members' stored thresholds, averaged)")
+    p.add_argument("--stac", default=None, help="STAC API main.py fetches supplementary bands from, for models "
+                   "that read any (default: the Planetary Computer's, the one the runtime allows)")
+    p.add_argument("--collection", default="sentinel-2-l2a", help="STAC collection of those bands")
     return p.parse_args(argv)
 
 
@@ -153,6 +156,7 @@ def fetch_members(client, chosen, dst: Path) -> list[Member]:
 
 def check_runtime_models(members: list[Member]) -> list[dict]:
     from cloudseg.checkpoint import load_checkpoint
+    from cloudseg.data.bands import BANDS
     from cloudseg.models import runtime_support
 
     described = []
@@ -163,7 +167,8 @@ def check_runtime_models(members: list[Member]) -> list[dict]:
         if not ok:
             raise PromoteError(f"run {m.run_id}: {args['arch']} + {args['encoder_name']} cannot be promoted: {why}")
         described.append({"run_id": m.run_id, "arch": args["arch"], "encoder": args["encoder_name"],
-                          "threshold": ckpt["threshold"], "epoch": ckpt["epoch"], "runtime": why})
+                          "threshold": ckpt["threshold"], "epoch": ckpt["epoch"], "runtime": why,
+                          "bands": list(ckpt.get("bands") or BANDS)})
     return described
 
 
@@ -223,15 +228,24 @@ def _portable_checkpoint(path: Path) -> None:
 
 
 def write_submission(name: str, members: list[Member], described: list[dict], args: argparse.Namespace,
-                     out_root: Path = SUBMISSIONS_DIR) -> tuple[Path, Path]:
+                     out_root: Path | None = None) -> tuple[Path, Path]:
     from cloudseg import __version__
     from cloudseg import submission as layout
+    from cloudseg.data.bands import BANDS
     from cloudseg.submission.verify import check_sources
     from cloudseg.tracking import git_info
 
     if not name or "/" in name or name.startswith("."):
         raise PromoteError(f"--name {name!r}: use a plain folder name")
-    sources = {"main.py": MAIN_TEMPLATE.read_text()}
+    out_root = SUBMISSIONS_DIR if out_root is None else out_root
+    extra = sorted({b for d in described for b in d["bands"] if b not in BANDS})
+    stac = None
+    if extra:
+        from cloudseg.submission.stac_bands import PLANETARY_COMPUTER
+
+        stac = {"url": args.stac or PLANETARY_COMPUTER, "collection": args.collection, "bands": extra,
+                "budget_s": 60, "workers": 8}
+    sources = {"main.py": MAIN_TEMPLATE.read_text(), "stac_bands.py": layout.STAC_TEMPLATE.read_text()}
     problems = check_sources(sources)
     if problems:
         raise PromoteError("the submission code fails the runtime checks:\n  " + "\n  ".join(problems))
@@ -242,7 +256,7 @@ def write_submission(name: str, members: list[Member], described: list[dict], ar
         float(sum(d["threshold"] for d in described) / len(described))
     try:
         layout.write_submission(tmp, [m.checkpoint for m in members], threshold=round(threshold, 4), tta=args.tta,
-                                batch_size=args.batch_size)
+                                batch_size=args.batch_size, stac=stac)
     except ValueError as exc:  # e.g. an unknown --tta
         raise PromoteError(str(exc)) from exc
     inference = json.loads((tmp / "assets" / "inference.json").read_text())
@@ -260,6 +274,9 @@ def write_submission(name: str, members: list[Member], described: list[dict], ar
         "cloudseg_version": __version__, "git_commit": commit, "git_dirty": dirty,
         "runs": [{"run_id": m.run_id, "metric": m.metric, "value": m.value} for m in members],
         "members": described, "inference": inference, "config": configs,
+        # what main.py needs beyond the runtime's packages and the test chips: the network it uses, if any
+        "network": ({"stac": stac["url"], "collection": stac["collection"], "bands": extra,
+                     "why": "supplementary bands the test chips lack are fetched for each chip"} if stac else None),
         "sha256": {str(p.relative_to(tmp)): sha256(p) for p in files},
     }
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
