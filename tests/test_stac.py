@@ -252,8 +252,12 @@ def test_a_five_band_model_trains_promotes_and_its_main_py_fetches_b11(stac, tmp
                                allow_network_check_skip=True, timeout=600)
     assert result.ok, result.failures
     assert any(f"this submission fetches bands B11 from {stac.url} (allowed: 127.0.0.1)" in ln for ln in lines)
-    isolated = "NOT isolated" not in result.network  # no route out of the namespace, else the hook lets it through
-    assert any(("stac fetched=0 fallback=3" if isolated else "stac fetched=2 fallback=1") in ln for ln in lines)
+    print("\n".join(ln for ln in lines if ln.startswith("network") or "stac " in ln))
+    proxied = any("through an allow-listing proxy" in ln for ln in lines)  # root: a door out of the namespace
+    no_route = not proxied and "NOT isolated" not in result.network  # a namespace without one: the fallback
+    assert any(("stac fetched=0 fallback=3" if no_route else "stac fetched=2 fallback=1") in ln for ln in lines)
+    if proxied:
+        assert any(ln.startswith("network: ") and "refused" in ln and ", 0 refused" in ln for ln in lines), lines
 
 
 def test_main_py_stops_fetching_after_chips_fail_in_a_row(tmp_path):
@@ -299,3 +303,50 @@ def test_the_network_guard_lets_through_only_the_declared_endpoint(tmp_path):
     refused = [ln for ln in out.stdout.splitlines() if ln.startswith("refused")]
     assert len(refused) == 2 and all(NETWORK_MARK in ln for ln in refused), out.stdout
     assert "'example.com'" in refused[0] and "10.1.2.3" in refused[1]
+
+
+def test_the_verify_proxy_passes_only_allowed_hosts(tmp_path):
+    import http.server
+    import socket
+    import threading
+
+    from cloudseg.submission.netproxy import AllowProxy, host_allowed
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = f"hello {self.path}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    proxy = AllowProxy(tmp_path / "p.sock", ["127.0.0.1", "*.blob.core.windows.net"], "MARK")
+
+    def ask(request: str) -> bytes:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(proxy.path))
+            s.sendall(request.encode())
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            return out
+
+    try:
+        ok = ask(f"GET http://127.0.0.1:{port}/a?b=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                 "Proxy-Connection: keep-alive\r\n\r\n")
+        assert ok.startswith(b"HTTP/1.0 200") and ok.endswith(b"hello /a?b=1"), ok
+        assert ask(f"GET http://localhost:{port}/a HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 403")
+        assert ask("CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n").startswith(b"HTTP/1.1 403")
+        assert proxy.refused == [f"MARK proxy refused localhost:{port} (not the declared STAC endpoint)",
+                                 "MARK proxy refused example.com:443 (not the declared STAC endpoint)"]
+        assert host_allowed("sentinel2l2a01.blob.core.windows.net", proxy.allowed)
+        assert not host_allowed("blob.core.windows.net.evil.com", proxy.allowed)
+    finally:
+        proxy.close()
+        srv.shutdown()

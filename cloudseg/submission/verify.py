@@ -14,7 +14,10 @@ main.py runs in a sandbox close to the runtime's:
   HOME and TMPDIR in a scratch folder, so tracking URIs and credentials of the caller never reach it;
 * with the data read-only, only ``predictions/`` and the scratch home writable; any file created, changed or
   removed elsewhere in the unpacked submission or the scratch area is a failure naming the file;
-* without network: a fresh network namespace (``unshare -n``). As root, a mount namespace also hides folders
+* without network: a fresh network namespace (``unshare -n``); a submission whose ``inference.json`` declares a
+  STAC API (models with supplementary bands) gets, as root, one door out: a relay inside the namespace to an
+  allow-listing proxy outside that passes only that API's host and its declared asset hosts
+  (``cloudseg/submission/netproxy.py``). As root, a mount namespace also hides folders
   the unprivileged user cannot enter (e.g. ``/root``) behind an empty tmpfs, binding back only the
   interpreter's own folders. Always, an audit hook (``sitecustomize.py`` on ``PYTHONPATH``) refuses and
   reports every internet socket connect or name lookup made by main.py's own interpreter.
@@ -396,19 +399,23 @@ def make_sandbox(python: str, work: Path, hold: Path) -> Sandbox:
 
 
 def sandbox_env(home: Path, codeexecution: Path, guard_dir: Path, net_log: Path,
-                allow_hosts: list[str] = ()) -> tuple[dict, list[str]]:
+                allow_hosts: list[str] = (), proxy: str | None = None) -> tuple[dict, list[str]]:
     """main.py's environment from the allow-list, and the names of the caller's variables withheld.
 
     ``allow_hosts`` (a STAC submission's endpoint: its name and addresses) are the only hosts the audit hook lets
-    main.py's Python reach, directly (``NO_PROXY``) rather than through the dead proxy."""
+    main.py's Python reach, directly (``NO_PROXY``) rather than through the dead proxy; with ``proxy`` (the relay
+    to ``netproxy.AllowProxy`` inside the namespace) every request goes through it instead."""
     env = {k: v for k, v in os.environ.items() if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES)}
-    blackhole = "http://127.0.0.1:9"  # discard port: connections fail at once
+    blackhole = proxy or "http://127.0.0.1:9"  # discard port: connections fail at once
+    direct = "" if proxy else ",".join(allow_hosts)  # with the relay, every request goes through it
+    if proxy:
+        allow_hosts = ["127.0.0.1"]  # the relay; the proxy behind it checks the real destinations
     env.setdefault("PATH", os.defpath)
     env.update(
         HOME=str(home), TMPDIR=str(home / "tmp"), CLOUDSEG_ROOT=str(codeexecution), PYTHONPATH=str(guard_dir),
         PYTHONUNBUFFERED="1", PYTHONNOUSERSITE="1", PYTHONDONTWRITEBYTECODE="1", HF_HUB_OFFLINE="1",
         HTTP_PROXY=blackhole, HTTPS_PROXY=blackhole, http_proxy=blackhole, https_proxy=blackhole,
-        ALL_PROXY=blackhole, NO_PROXY=",".join(allow_hosts), no_proxy=",".join(allow_hosts),
+        ALL_PROXY=blackhole, NO_PROXY=direct, no_proxy=direct,
         CLOUDSEG_NETWORK_LOG=str(net_log), CLOUDSEG_NETWORK_ALLOW=",".join(allow_hosts),
     )
     return env, sorted(set(os.environ) - set(env))
@@ -627,6 +634,7 @@ def verify_submission(
     data, pred_dir = codeexecution / "data", codeexecution / "predictions"
     home, net_dir = work / "home", work / "network"
     weaker: list[str] = []
+    proxy = None
     try:
         os.chmod(work, 0o755)  # mkdtemp makes it 0700: the unprivileged user must enter it
         sandbox = make_sandbox(python, work, hold)
@@ -647,10 +655,22 @@ def verify_submission(
             shutil.copyfile(metadata, data / "test_metadata.csv")
         stac = _stac_of(codeexecution)
         allow_hosts = _endpoint_hosts(str(stac.get("url") or "")) if stac else []
-        if stac:
+        allow_hosts += [str(h) for h in (stac or {}).get("asset_hosts") or []]
+        if stac and sandbox.uid is not None and sandbox.isolated:  # root: a door out of the namespace
+            from cloudseg.submission.netproxy import RELAY, AllowProxy
+
+            (work / "proxy").mkdir(mode=0o700)
+            proxy = AllowProxy(work / "proxy" / "stac.sock", allow_hosts, NETWORK_MARK)
+            (hold / "relay.py").write_text(RELAY)
+            _add_relay(sandbox, python, hold / "relay.py", RELAY_PORT, proxy.path)
+            reach = (f"main.py reaches it through an allow-listing proxy (127.0.0.1:{RELAY_PORT} in its namespace); "
+                     "any other host is refused and reported")
+        elif stac and sandbox.isolated:
             reach = ("main.py has no network in its namespace, so every chip takes its documented fallback (the "
-                     "training mean): this checks the fallback path and the format, not the fetched pixels"
-                     if sandbox.isolated else "the audit hook lets main.py's Python reach only that endpoint")
+                     "training mean): this checks the fallback path and the format, not the fetched pixels")
+        elif stac:
+            reach = "the audit hook lets main.py's Python reach only that endpoint"
+        if stac:
             echo(f"network: this submission fetches bands {','.join(stac.get('bands') or [])} from "
                  f"{stac.get('url')} (allowed: {', '.join(allow_hosts)}); {reach}")
         before = hash_tree(data)
@@ -660,7 +680,8 @@ def verify_submission(
             _own(folder, sandbox, mode)
         writable = {data, pred_dir, home, net_dir}
         _set_submission_mode(codeexecution, writable, writable=False)
-        env, withheld = sandbox_env(home, codeexecution, guard, net_dir / "network.log", allow_hosts)
+        env, withheld = sandbox_env(home, codeexecution, guard, net_dir / "network.log", allow_hosts,
+                                    f"http://127.0.0.1:{RELAY_PORT}" if proxy else None)
         passed = sorted(k for k in env if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES))
         echo(f"user: {sandbox.user}; environment: allow-listed {passed}, HOME and TMPDIR in {home}, verify's "
              f"own settings; withheld from main.py: {', '.join(withheld) or 'none'}")
@@ -680,6 +701,9 @@ def verify_submission(
             result.failures.append(f"main.py exited with status {rc}" + (f" (last line: {last[:300]})"
                                                                         if last else ""))
         attempts = [ln for ln in result.log if NETWORK_MARK in ln]
+        if proxy:
+            attempts += proxy.refused
+            echo(f"network: {len(proxy.passed)} connection(s) through the STAC proxy, {len(proxy.refused)} refused")
         net_log = net_dir / "network.log"
         if net_log.is_file():
             attempts += net_log.read_text().splitlines()
@@ -713,6 +737,8 @@ def verify_submission(
     except _Stop:
         pass
     finally:
+        if proxy is not None:
+            proxy.close()
         if codeexecution.exists():
             _set_submission_mode(codeexecution, {data}, writable=True)
         if data.exists():
@@ -740,6 +766,18 @@ def verify_submission(
         echo(f"WARNING weaker check: {w} (accepted with --allow-network-check-skip)")
     echo(result.last_line)
     return result
+
+
+RELAY_PORT = 3128  # inside main.py's own network namespace, where nothing else listens
+
+
+def _add_relay(sandbox: Sandbox, python: str, relay: Path, port: int, sock: Path) -> None:
+    """Start ``netproxy.RELAY`` in the root sandbox's entry script, as root, just before it becomes the user."""
+    script = Path(sandbox.prefix[-1])
+    lines = script.read_text().splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("exec setpriv"))
+    lines.insert(at, f"{_q(Path(python))} -I {_q(relay)} {port} {_q(sock)} $$")
+    script.write_text("\n".join(lines) + "\n")
 
 
 def _endpoint_hosts(url: str) -> list[str]:

@@ -243,8 +243,10 @@ def write_submission(name: str, members: list[Member], described: list[dict], ar
     if extra:
         from cloudseg.submission.stac_bands import PLANETARY_COMPUTER
 
-        stac = {"url": args.stac or PLANETARY_COMPUTER, "collection": args.collection, "bands": extra,
-                "budget_s": 60, "workers": 8}
+        url = args.stac or PLANETARY_COMPUTER
+        stac = {"url": url, "collection": args.collection, "bands": extra, "budget_s": 60, "workers": 8,
+                # where the API's assets live (verify lets main.py reach these and the API's own host only)
+                "asset_hosts": ["*.blob.core.windows.net"] if url == PLANETARY_COMPUTER else []}
     sources = {"main.py": MAIN_TEMPLATE.read_text(), "stac_bands.py": layout.STAC_TEMPLATE.read_text()}
     problems = check_sources(sources)
     if problems:
