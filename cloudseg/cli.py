@@ -38,18 +38,24 @@ def validate(
     split: str = typer.Option("train", help="Split prefix: train or test."),
     deep: bool = typer.Option(False, "--deep", help="Decode every pixel (non-binary labels, damage inside a file); "
                               "by default each file's header and last pixel, in parallel, cached by the files."),
+    bands: str = typer.Option("B02,B03,B04,B08", "--bands", help="Band files every chip must have (a model's "
+                              "config key bands; supplementary ones come from `cloudseg add-bands`)."),
 ) -> None:
     """Check every chip, label and metadata row of a split; list every problem found."""
+    from cloudseg.data.bands import parse_bands
     from cloudseg.data.validate import DatasetError, validate_split
 
     try:
-        result = validate_split(data, split, deep=deep)
+        result = validate_split(data, split, deep=deep, bands=parse_bands(bands))
     except DatasetError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1)
+    except ValueError as exc:  # a malformed --bands
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
     n_loc = result.metadata["location"].nunique()
     typer.echo(f"{data} [{split}]: {len(result.ids)} chips, {n_loc} locations, labels={result.has_labels}, "
-               f"{'every pixel' if deep else 'headers'} checked: ok")
+               f"bands {','.join(result.bands)}, {'every pixel' if deep else 'headers'} checked: ok")
 
 
 @app.command("verify-submission")
