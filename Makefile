@@ -49,7 +49,8 @@ test-fast: setup  ## the quick lane: the suite without the slow and postgres tes
 	$(PY) -m pytest -m "not slow and not postgres" $(PYTEST_ARGS)
 
 ui: setup  ## MLflow UI for this repository's store
-	@echo "[ui] open http://$(HOST):5000/#/experiments?workflowType=machine_learning (MLflow 3 opens in its GenAI view otherwise)"
+	@echo "[ui] open http://$(HOST):5000/#/experiments?workflowType=machine_learning (MLflow 3 opens in its GenAI view otherwise);"
+	@echo "[ui] in an experiment, add &viewStateShareKey=cloudseg to its address for the runs table with the figures as columns"
 	$(VENV)/bin/mlflow ui --workers 1 --host $(HOST) --port 5000 \
 	  --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
 	  --default-artifact-root $(CURDIR)/mlartifacts

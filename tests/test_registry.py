@@ -118,3 +118,17 @@ def test_unresolvable_refs_are_one_line_errors(mlflow_tmp, tmp_path, chip):
         res = CliRunner().invoke(app, ["predict", str(chip), "--model", ref, "--out", str(tmp_path / "x.tif")])
         assert res.exit_code == 2, (ref, res.output)
         assert len([ln for ln in res.output.splitlines() if ln.startswith("error:")]) == 1, res.output
+
+
+def test_experiments_are_model_training_with_a_runs_view_showing_the_figures(mlflow_tmp):
+    """MLflow 3.17's runs table shows no metric or parameter column by default: every experiment carries a shared
+    view (opened with ?viewStateShareKey=cloudseg, as `make ui` prints) whose columns are the figures."""
+    exp_id = tracking.setup("viewed")
+    tags = MlflowClient().get_experiment(exp_id).tags
+    assert tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    view = json.loads(tags[f"mlflow.sharedViewState.{tracking.VIEW_KEY}"])
+    assert {"metrics.`best_val_jaccard`", "metrics.`cv_jaccard`", "params.`lr`"} <= set(view["selectedColumns"])
+    client = MlflowClient()
+    client.delete_experiment_tag(exp_id, f"mlflow.sharedViewState.{tracking.VIEW_KEY}")
+    assert tracking.setup("viewed") == exp_id  # an older experiment gets the view on next use
+    assert f"mlflow.sharedViewState.{tracking.VIEW_KEY}" in client.get_experiment(exp_id).tags

@@ -27,6 +27,17 @@ from cloudseg.paths import MLARTIFACTS, REPO_ROOT, tracking_uri
 
 # MLflow 3's UI opens an experiment in its GenAI view (traces) unless it is tagged as model training
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# A runs-table view stored on each experiment (MLflow's "shared view": ``?viewStateShareKey=cloudseg`` opens it):
+# MLflow 3.17 shows no metric or parameter column by default, so a sweep reads as one collapsed row without figures
+VIEW_KEY = "cloudseg"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW_COLUMNS = (
+    *(f"metrics.`{m}`" for m in ("best_val_jaccard", "val_jaccard", "cv_jaccard", "cv_jaccard_clean",
+                                 "cv_jaccard_mean", "cv_jaccard_sd", "threshold")),
+    *(f"params.`{p}`" for p in ("arch", "encoder", "loss", "lr", "crop_size", "epochs", "bands", "seed")),
+    "tags.`cloudseg.kind`", "tags.`cloudseg.study`",
+)
+VIEW_STATE = json.dumps({"selectedColumns": ["attributes.`Run Name`", *VIEW_COLUMNS]})
 STALE_AFTER_S = float(os.environ.get("CLOUDSEG_STALE_AFTER_S", 6 * 3600))  # heartbeat age that marks a remote run dead
 
 
@@ -70,8 +81,9 @@ def setup(experiment: str) -> str:
     uri = connect()
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:
-        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-            MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        for key, value in ((EXPERIMENT_KIND_TAG, EXPERIMENT_KIND), (VIEW_TAG, VIEW_STATE)):
+            if exp.tags.get(key) != value:
+                MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     location = None
     if not uri.startswith(("http://", "https://", "databricks")):
@@ -79,7 +91,7 @@ def setup(experiment: str) -> str:
         location = (artifacts_root() / safe).resolve().as_uri()
     try:
         return mlflow.create_experiment(experiment, artifact_location=location,
-                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, VIEW_TAG: VIEW_STATE})
     except Exception:  # another worker created it in between
         exp = mlflow.get_experiment_by_name(experiment)
         if exp is None:
