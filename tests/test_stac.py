@@ -252,7 +252,6 @@ def test_a_five_band_model_trains_promotes_and_its_main_py_fetches_b11(stac, tmp
                                allow_network_check_skip=True, timeout=600)
     assert result.ok, result.failures
     assert any(f"this submission fetches bands B11 from {stac.url} (allowed: 127.0.0.1)" in ln for ln in lines)
-    print("\n".join(ln for ln in lines if ln.startswith("network") or "stac " in ln))
     proxied = any("through an allow-listing proxy" in ln for ln in lines)  # root: a door out of the namespace
     no_route = not proxied and "NOT isolated" not in result.network  # a namespace without one: the fallback
     assert any(("stac fetched=0 fallback=3" if no_route else "stac fetched=2 fallback=1") in ln for ln in lines)

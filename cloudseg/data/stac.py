@@ -4,7 +4,7 @@ The search, the choice of item and the windowed read live in ``cloudseg/submissi
 a submission's ``main.py`` uses at inference, so training and the runtime see the same pixels for a chip.
 
 Parallel (threads: the work is waiting on HTTP and GDAL, which release the GIL) and resumable: a chip whose band
-file exists and opens as a 512 x 512 single band is skipped; files are written under a temporary name and renamed,
+file passes validation's header check (one 512 x 512 band of an allowed dtype, last pixel decodable) is skipped; files are written under a temporary name and renamed,
 so an interrupted run leaves no half-written band. Chips that could not be done are listed, with the reason, in
 ``<data>/add_bands_<split>_failed.csv``; the command then fails naming how many and where the list is.
 """
@@ -20,18 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from cloudseg.data.bands import BANDS, parse_bands
+from cloudseg.data.bands import BANDS, band_dtypes, parse_bands
 from cloudseg.data.io import ChipReadError, chip_folders, features_dir, load_metadata
+from cloudseg.data.validate import check_tif
 from cloudseg.submission.stac_bands import (
     DEFAULT_COLLECTION,
     PLANETARY_COMPUTER,
+    ChipGrid,
     FetchError,
     StacBands,
     chip_grid,
     parse_time,
 )
-
-ALLOWED_DTYPES = ("uint16", "uint8")
 
 
 class AddBandsError(RuntimeError):
@@ -56,30 +56,16 @@ def report_path(root: Path, split: str) -> Path:
     return Path(root) / f"add_bands_{split}_failed.csv"
 
 
-def _has_band(path: Path) -> bool:
-    """Whether a band file is already complete (opens as one 512 x 512 band)."""
-    if not path.is_file():
-        return False
+def write_band(path: Path, array: np.ndarray, grid: ChipGrid) -> None:
+    """Write ``array`` on the chip's grid (its CRS and transform), atomically."""
     import rasterio
 
-    try:
-        with rasterio.open(path) as src:
-            return src.count == 1 and (src.height, src.width) == (512, 512)
-    except Exception:  # a broken file is fetched again
-        return False
-
-
-def write_band(path: Path, array: np.ndarray, grid_of: Path) -> None:
-    """Write ``array`` with the georeferencing of the chip's own ``grid_of`` band, atomically."""
-    import rasterio
-
-    if array.dtype.name not in ALLOWED_DTYPES:
+    if array.dtype.name not in band_dtypes(path.stem):
         raise FetchError(f"asset dtype {array.dtype} is neither uint16 (reflectance) nor uint8 (classes)")
-    with rasterio.open(grid_of) as ref:
-        crs, transform = ref.crs, ref.transform
     tmp = path.with_name(path.name + ".partial")
     profile = dict(driver="GTiff", height=array.shape[0], width=array.shape[1], count=1, dtype=array.dtype.name,
-                   crs=crs, transform=transform, compress="deflate", tiled=True, blockxsize=256, blockysize=256)
+                   crs=grid.crs, transform=grid.transform, compress="deflate", tiled=True, blockxsize=256,
+                   blockysize=256)
     with rasterio.open(tmp, "w", **profile) as dst:
         dst.write(array, 1)
     tmp.replace(path)
@@ -116,14 +102,14 @@ def add_bands(root: Path | str, bands: str | list[str], split: str = "train", st
 
     def one(chip: str) -> tuple[str, str, str]:
         folder = feats / chip
-        todo = [b for b in wanted if not _has_band(folder / f"{b}.tif")]
+        todo = [b for b in wanted if check_tif(folder / f"{b}.tif", band_dtypes(b))]
         if not todo:
             return chip, "skipped", ""
         try:
-            grid_of = folder / f"{BANDS[0]}.tif"
-            arrays, item = fetcher.fetch(chip_grid(grid_of), parse_time(when[chip]), todo)
+            grid = chip_grid(folder / f"{BANDS[0]}.tif")
+            arrays, item = fetcher.fetch(grid, parse_time(when[chip]), todo)
             for band, array in arrays.items():
-                write_band(folder / f"{band}.tif", array, grid_of)
+                write_band(folder / f"{band}.tif", array, grid)
             return chip, "done", item
         except FetchError as exc:
             return chip, "failed", str(exc)

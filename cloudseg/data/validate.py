@@ -88,9 +88,7 @@ class ValidatedSplit:
         return [c for c in self.ids if c not in mixed]
 
 
-def _check_array(path: Path, arr: np.ndarray, dtypes: str | tuple[str, ...], size: int,
-                 problems: list[str]) -> bool:
-    dtypes = (dtypes,) if isinstance(dtypes, str) else dtypes
+def _check_array(path: Path, arr: np.ndarray, dtypes: tuple[str, ...], size: int, problems: list[str]) -> bool:
     ok = True
     if arr.shape != (size, size):
         problems.append(f"{path}: wrong shape {arr.shape[0]}x{arr.shape[1]}, expected {size}x{size}")
@@ -101,14 +99,14 @@ def _check_array(path: Path, arr: np.ndarray, dtypes: str | tuple[str, ...], siz
     return ok
 
 
-def _check_header(path: Path, dtypes: str | tuple[str, ...], size: int) -> list[str]:
-    """Problems of one TIF from its header, plus its last pixel (a truncated file fails to decode it)."""
+def check_tif(path: Path, dtypes: tuple[str, ...], size: int = CHIP_SIZE) -> list[str]:
+    """Problems of one single-band TIF from its header (band count, shape, dtype one of ``dtypes``), plus its last
+    pixel (a truncated file fails to decode it); [] for a complete file."""
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
     from rasterio.windows import Window
     import warnings
 
-    dtypes = (dtypes,) if isinstance(dtypes, str) else dtypes
     if not path.is_file():
         return [f"{path}: {'label file' if dtypes == ('uint8',) else 'file'} is missing"]
     try:
@@ -137,19 +135,19 @@ def _files(feats: Path, labs: Path, ids: list[str], has_labels: bool,
     return out
 
 
-def _missing_band_hint(root: Path, split: str, bands: tuple[str, ...], problems: list[str]) -> list[str]:
+def _missing_band_hint(root: Path, split: str, ids: list[str], bands: tuple[str, ...]) -> list[str]:
     """One more line where supplementary band files are missing: the command that fetches them."""
-    suffix = ": file is missing"
-    missing = [Path(p[: -len(suffix)]) for p in problems if p.endswith(suffix)]
-    missing = [f for f in missing if f.stem in bands and f.stem not in BANDS]
+    extra = [b for b in bands if b not in BANDS]
+    feats = features_dir(root, split)
+    missing = [(c, b) for c in ids for b in extra if not (feats / c / f"{b}.tif").is_file()]
     if not missing:
         return []
-    lacking = ",".join(b for b in bands if b in {f.stem for f in missing})
-    return [f"{len({f.parent.name for f in missing})} chip(s) lack supplementary band(s) {lacking}: "
+    lacking = ",".join(b for b in extra if b in {b for _, b in missing})
+    return [f"{len({c for c, _ in missing})} chip(s) lack supplementary band(s) {lacking}: "
             f"`cloudseg add-bands --data {root} --bands {lacking} --split {split}` fetches them from a STAC API"]
 
 
-def _stat_key(root: Path, split: str, files: list[tuple[Path, str]], size: int) -> str:
+def _stat_key(root: Path, split: str, files: list[tuple[Path, tuple[str, ...]]], size: int) -> str:
     """What a header check depends on: the files' chip folders and names, sizes and modification times, and the
     chip size (a renamed chip is another split)."""
     h = hashlib.sha256(f"{root.resolve()}:{split}:{size}".encode())
@@ -178,7 +176,7 @@ def check_headers(root: Path, split: str, ids: list[str], has_labels: bool, size
     if marker.is_file():
         return []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        problems = [p for ps in pool.map(lambda f: _check_header(f[0], f[1], size), files) for p in ps]
+        problems = [p for ps in pool.map(lambda f: check_tif(f[0], f[1], size), files) for p in ps]
     if not problems:
         try:
             marker.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +252,7 @@ def validate_split(
     if not (deep or load):
         problems += check_headers(root, split, ids, has_labels, size, bands=bands)
         if problems:
-            raise DatasetError(root, split, problems + _missing_band_hint(root, split, bands, problems))
+            raise DatasetError(root, split, problems + _missing_band_hint(root, split, ids, bands))
         return out
     for chip_id in ids:
         arrays = []
@@ -276,12 +274,12 @@ def validate_split(
             except ChipReadError as exc:
                 problems.append(str(exc).replace("file is missing", "label file is missing"))
                 continue
-            if _check_array(path, lab, "uint8", size, problems):
+            if _check_array(path, lab, ("uint8",), size, problems):
                 bad = np.setdiff1d(np.unique(lab), [0, 1])
                 if bad.size:
                     problems.append(f"{path}: label is not binary, found values {bad[:10].tolist()} besides 0/1")
                 elif load:
                     out.masks[chip_id] = lab
     if problems:
-        raise DatasetError(root, split, problems + _missing_band_hint(root, split, bands, problems))
+        raise DatasetError(root, split, problems + _missing_band_hint(root, split, ids, bands))
     return out

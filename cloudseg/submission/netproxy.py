@@ -20,6 +20,7 @@ request to another host past the check.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import os
 import socket
 import threading
@@ -28,9 +29,28 @@ from pathlib import Path
 HEAD_LIMIT = 64 * 1024
 CONNECT_TIMEOUT_S = 30.0
 
+
+def _pipe(a: socket.socket, b: socket.socket) -> None:
+    try:
+        while True:
+            data = a.recv(65536)
+            if not data:
+                break
+            b.sendall(data)
+    except OSError:
+        pass
+    for sock in (a, b):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 # Run inside the namespace as root: python RELAY PORT SOCKET PID. Binds before it forks, so the entry script
-# continues only once the port listens; the child relays until process PID (main.py) is gone.
-RELAY = r'''
+# continues only once the port listens; the child relays until process PID (main.py) is gone. It carries bytes
+# with the proxy's own _pipe (its source is put into the script: the relay runs with the sandbox's interpreter,
+# which cannot import cloudseg).
+_RELAY = r'''
 import fcntl, os, socket, struct, sys, threading, time
 port, target, watch = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -47,21 +67,7 @@ devnull = os.open(os.devnull, os.O_RDWR)
 for fd in (0, 1, 2):
     os.dup2(devnull, fd)
 
-def pipe(a, b):
-    try:
-        while True:
-            data = a.recv(65536)
-            if not data:
-                break
-            b.sendall(data)
-    except OSError:
-        pass
-    for sock in (a, b):
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
+# PIPE
 def serve(conn):
     up = socket.socket(socket.AF_UNIX)
     try:
@@ -69,8 +75,8 @@ def serve(conn):
     except OSError:
         conn.close()
         return
-    threading.Thread(target=pipe, args=(conn, up), daemon=True).start()
-    pipe(up, conn)
+    threading.Thread(target=_pipe, args=(conn, up), daemon=True).start()
+    _pipe(up, conn)
 
 def accept():
     while True:
@@ -88,26 +94,18 @@ while True:
 '''
 
 
+def _relay_script() -> str:
+    head, body = _RELAY.split("# PIPE\n")
+    return head + inspect.getsource(_pipe) + "\n" + body
+
+
+RELAY = _relay_script()
+
+
 def host_allowed(host: str, patterns: list[str]) -> bool:
     """Whether ``host`` matches one of ``patterns`` (exact names or addresses, or globs like ``*.blob.core...``)."""
     host = host.strip("[]").lower()
     return any(fnmatch.fnmatchcase(host, p.lower()) for p in patterns)
-
-
-def _pipe(a: socket.socket, b: socket.socket) -> None:
-    try:
-        while True:
-            data = a.recv(65536)
-            if not data:
-                break
-            b.sendall(data)
-    except OSError:
-        pass
-    for sock in (a, b):
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
 
 class AllowProxy:
