@@ -71,6 +71,7 @@ def mlflow_tmp(tmp_path, monkeypatch, _mlflow_template):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("CLOUDSEG_MLARTIFACTS", str(tmp_path / "mlartifacts"))
+    monkeypatch.setenv("CLOUDSEG_STATE_ROOT", str(tmp_path / "state"))  # never the checkout's .cache/runs
     import mlflow
 
     mlflow.set_tracking_uri(uri)  # the process-wide URI outranks the variable once any code has set it

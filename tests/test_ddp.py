@@ -86,7 +86,8 @@ def test_two_ranks_train_one_run_with_the_single_process_figure(job, tiny_data, 
     from cloudseg.training import evaluate
 
     torch.set_num_threads(1)
-    ckpt = load_checkpoint(tmp_path / "state" / run.info.run_id / "best.pt")
+    assert not (tmp_path / "state" / run.info.run_id).exists()  # a finished run leaves no local state behind
+    ckpt = load_checkpoint(client.download_artifacts(run.info.run_id, "checkpoint/best.pt", str(tmp_path)))
     cfg = load_config(None, [s for s in TINY if s != "--set"], data=str(tiny_data))
     split = validate_split(tiny_data, "train", labels=True, load=True)
     _, val_ids = fold_ids(cfg, split)

@@ -213,6 +213,7 @@ def test_kill_then_resume_continues_from_checkpoint(env, tiny_data, tmp_path):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "val_jaccard")] == [1, 2, 3]
+    assert not (tmp_path / "state" / run_id).exists()  # finished: the resumable state is gone, the artifact stays
     assert run.data.metrics["epochs_run"] == 3
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -45,7 +46,8 @@ class RunOutcome:
 
 
 def state_root() -> Path:
-    """Local resumable training states (``<root>/<run_id>/last.pt``)."""
+    """Local resumable training states of unfinished runs (``<root>/<run_id>/last.pt``); a run that finishes
+    removes its own."""
     return Path(os.environ.get("CLOUDSEG_STATE_ROOT", REPO_ROOT / ".cache" / "runs"))
 
 
@@ -262,12 +264,20 @@ def train_fold(cfg: Config, root: Path, split: ValidatedSplit, kind: str = "trai
     if on_start is not None:
         on_start(run_id)
     dist.broadcast(run_id)
-    with tracking.run_status(run_id, killed, failure=lambda: _rank_failure(state_root() / run_id)), \
-            _watch_ranks(run_id, state_root() / run_id):
-        trainer = Trainer(cfg, split, train_ids, val_ids, state_root() / run_id,
-                          [tracking.EpochLogger(run_id), *(callbacks or [])], init_weights=init_weights)
-        result = trainer.fit()
-        metrics = _log_fit(run_id, cfg, split, result)
+    state_dir = state_root() / run_id
+    try:
+        with tracking.run_status(run_id, killed, failure=lambda: _rank_failure(state_dir)), \
+                _watch_ranks(run_id, state_dir):
+            trainer = Trainer(cfg, split, train_ids, val_ids, state_dir,
+                              [tracking.EpochLogger(run_id), *(callbacks or [])], init_weights=init_weights)
+            result = trainer.fit()
+            metrics = _log_fit(run_id, cfg, split, result)
+    except killed:  # a pruned trial is over for good: nothing will resume it
+        shutil.rmtree(state_dir, ignore_errors=True)
+        raise
+    # FINISHED: the model is the run's checkpoint artifact, and a finished run is never resumed, so the local
+    # state (last.pt holds the optimiser too: 3x the weights) would only fill the disk, run after run
+    shutil.rmtree(state_dir, ignore_errors=True)
     return RunOutcome(run_id, result, metrics)
 
 
