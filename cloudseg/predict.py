@@ -28,7 +28,6 @@ import threading
 import time
 import warnings
 import zipfile
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,6 +293,7 @@ class Scene:
 
     def _check(self) -> Grid:
         grids = []
+        self.block_rows: list[int] = []
         for path, idx in zip(self.files, self.indexes):
             with self._open(path) as src:
                 want = 1 if self.path.is_dir() else len(BANDS)
@@ -304,6 +304,7 @@ class Scene:
                 if bad:
                     raise PredictError(f"{path}: dtype {bad[0]}, expected uint16 reflectance x 10,000")
                 grids.append((path, Grid(src.width, src.height, src.crs, src.transform)))
+                self.block_rows.append(src.block_shapes[0][0])
         first_path, first = grids[0]
         for path, g in grids[1:]:
             if g != first:
@@ -312,20 +313,35 @@ class Scene:
                                    f"{first.height} {first.crs} {tuple(first.transform)[:6]}")
         return first
 
-    def _handles(self) -> list:
+    def _handle(self, i: int):
         handles = getattr(self._local, "handles", None)
         if handles is None:
-            handles = [self._open(f) for f in self.files]
-            self._local.handles = handles
+            handles = self._local.handles = {}
+        if i not in handles:
+            handles[i] = self._open(self.files[i])
             with self._lock:
-                self._opened += handles
-        return handles
+                self._opened.append(handles[i])
+        return handles[i]
+
+    def read_file(self, i: int, row: int, col: int, height: int, width: int) -> np.ndarray:
+        """Raw reflectance of one window of file ``i`` (its bands among ``bands``).
+        Shape: (len(indexes[i]), height, width) uint16."""
+        try:
+            return self._handle(i).read(self.indexes[i], window=Window(col, row, width, height))
+        except rasterio.errors.RasterioIOError as exc:
+            raise PredictError(f"{self.files[i]}: cannot read rows {row}-{row + height - 1} ({exc})") from exc
 
     def read(self, row: int, col: int, height: int, width: int) -> np.ndarray:
         """Raw reflectance of one window. Shape: (len(bands), height, width) uint16."""
-        win = Window(col, row, width, height)
-        parts = [src.read(idx, window=win) for src, idx in zip(self._handles(), self.indexes)]
+        parts = [self.read_file(i, row, col, height, width) for i in range(len(self.files))]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    @property
+    def strip_rows(self) -> int:
+        """Rows per whole-width read: TILE rounded up to the files' block height, so that strips start on block
+        boundaries and no block is decoded twice (files with blocks over 2 x TILE rows: TILE, and GDAL's cache)."""
+        bh = max(self.block_rows)
+        return -(-TILE // bh) * bh if bh <= 2 * TILE else TILE
 
     def close(self) -> None:
         with self._lock:
@@ -387,28 +403,54 @@ def _progress(total: int):
     return tqdm(total=total, unit="win", desc="predict", disable=quiet, dynamic_ncols=True)
 
 
-def _read_ahead(scene: Scene, windows: list[tuple[int, int]], readers: int, ahead: int,
-                io_nice: bool) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(row, col, window reflectance) in window order, read by ``readers`` threads at most ``ahead`` ahead."""
+def _read_ahead(scene: Scene, windows: list[tuple[int, int]], io_nice: bool,
+                ahead: int = 1) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(row, col, window reflectance) for each window, in the given (row-major) order.
+
+    The scene is read once, in whole-width strips of ``scene.strip_rows`` rows, each band file by its own thread
+    and handle, up to ``ahead`` strips beyond those the current window needs. Reading window by window instead
+    decoded each input block up to four times (overlapping windows straddle blocks, and every reading thread had
+    its own handles and so its own cached blocks). Windows are copied out of the strips, so a strip is freed once
+    the windows are below it: memory holds ``ahead + 2`` strips at most.
+    """
     g = scene.grid
+    rows = scene.strip_rows
+    n_strips = -(-g.height // rows)
+    n_bands = len(scene.bands)
+    pools = [ThreadPoolExecutor(1, thread_name_prefix=f"read{i}", initializer=_io_priority if io_nice else None)
+             for i in range(len(scene.files))]
+    strips: dict[int, list[Future]] = {}
 
-    def read(rc):
-        r, c = rc
-        return scene.read(r, c, min(TILE, g.height - r), min(TILE, g.width - c))
+    def request(k: int) -> None:
+        if k < n_strips and k not in strips:
+            r0 = k * rows
+            strips[k] = [pool.submit(scene.read_file, i, r0, 0, min(rows, g.height - r0), g.width)
+                         for i, pool in enumerate(pools)]
 
-    pending: deque[tuple[int, int, Future]] = deque()
-    todo = iter(windows)
-    with ThreadPoolExecutor(readers, thread_name_prefix="read", initializer=_io_priority if io_nice else None) as pool:
-        for rc in todo:
-            pending.append((*rc, pool.submit(read, rc)))
-            if len(pending) >= ahead:
-                break
-        while pending:
-            r, c, fut = pending.popleft()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append((*nxt, pool.submit(read, nxt)))
-            yield r, c, fut.result()
+    def cut(r: int, c: int, h: int, w: int) -> np.ndarray:
+        out = np.empty((n_bands, h, w), np.uint16)
+        for k in range(r // rows, (r + h - 1) // rows + 1):
+            top, bottom = max(r, k * rows), min(r + h, (k + 1) * rows)
+            band = 0
+            for fut in strips[k]:
+                part = fut.result()
+                out[band:band + part.shape[0], top - r:bottom - r] = part[:, top - k * rows:bottom - k * rows,
+                                                                          c:c + w]
+                band += part.shape[0]
+        return out
+
+    try:
+        for r, c in windows:
+            h, w = min(TILE, g.height - r), min(TILE, g.width - c)
+            first, last = r // rows, (r + h - 1) // rows
+            for k in [k for k in strips if k < first]:
+                del strips[k]
+            for k in range(first, last + 1 + ahead):
+                request(k)
+            yield r, c, cut(r, c, h, w)
+    finally:
+        for pool in pools:
+            pool.shutdown(cancel_futures=True)
 
 
 def _pad(x: np.ndarray) -> np.ndarray:
@@ -461,7 +503,6 @@ def predict_scene(
     tta: str | None = None,
     probabilities: bool = False,
     device: torch.device | None = None,
-    readers: int | None = None,
 ) -> PredictStats:
     """Predict a scene window by window and write ``out`` on the input's grid.
 
@@ -470,7 +511,6 @@ def predict_scene(
         overlap: pixels shared by neighbouring windows, 0 <= overlap < 512 (blended with ``taper``).
         batch_size, tta: None: the ensemble's.
         probabilities: write the cloud probability x 100 (0-100) instead of the 0/1 mask.
-        readers: reader threads (default: min(4, CPUs)).
 
     Raises:
         PredictError: bad input (missing band, grids differ, dtype) or arguments.
@@ -487,7 +527,6 @@ def predict_scene(
     g = scene.grid
     windows = [(r, c) for r in window_starts(g.height, TILE, overlap) for c in window_starts(g.width, TILE, overlap)]
     weight = taper(TILE, overlap)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     io_nice = device.type == "cpu"
     acc = np.zeros((TILE, g.width), np.float32)  # sum of weight x probability, rows [base, base + TILE)
     wsum = np.zeros((TILE, g.width), np.float32)
@@ -507,8 +546,11 @@ def predict_scene(
         n = upto - base
         if n <= 0:
             return
-        p = acc[:n] / np.maximum(wsum[:n], 1e-12)
-        rows = np.round(p * 100).astype(np.uint8) if probabilities else (p >= ensemble.threshold).astype(np.uint8)
+        p = np.divide(acc[:n], np.maximum(wsum[:n], 1e-12, out=wsum[:n]), out=acc[:n])  # in place: rows done
+        if probabilities:
+            rows = np.round(np.multiply(p, 100, out=p)).astype(np.uint8)
+        else:
+            rows = (p >= ensemble.threshold).astype(np.uint8)
         rows[~valid[:n]] = NODATA
         writer.add(rows)
         for a in (acc, wsum, valid):
@@ -542,8 +584,7 @@ def predict_scene(
             try:
                 batch: list = []
                 n_images = 0
-                for r, c, data in _read_ahead(scene, windows, readers or min(4, cpus), 2 * batch_size + 4,
-                                              io_nice):
+                for r, c, data in _read_ahead(scene, windows, io_nice):
                     ok = data.any(axis=0)
                     image = _pad(data) if ok.any() else None
                     stats.skipped += image is None

@@ -191,8 +191,38 @@ def test_four_band_file_equals_band_folder_and_small_scene_is_padded(tmp_path, m
     np.testing.assert_array_equal(a, b)
 
 
-def test_full_scene_is_read_window_by_window(tmp_path, ensemble, monkeypatch):
-    """A 10,980 x 10,980 scene (sparse files: nodata but one chip) is never read whole; memory stays flat."""
+@pytest.mark.parametrize("layout", [dict(tiled=True, blockxsize=256, blockysize=256),
+                                    dict(tiled=True, blockxsize=1024, blockysize=1024),
+                                    dict(tiled=False, blockysize=7), "4-band"])
+def test_strips_cut_the_windows_a_direct_read_gives(tmp_path, layout):
+    """Whatever the files' blocks (tiles, strips, one multi-band file), the strip reader yields, for every
+    overlapping window of a scene of odd size, exactly what reading that window from the files gives."""
+    h, w = 1300, 1100
+    image = np.random.default_rng(3).integers(1, 10000, (4, h, w), dtype=np.uint16)
+    profile = dict(driver="GTiff", width=w, height=h, dtype="uint16", crs=CRS, transform=TRANSFORM,
+                   compress="deflate")
+    if layout == "4-band":
+        path = tmp_path / "stack.tif"
+        with rasterio.open(path, "w", count=4, tiled=True, blockxsize=256, blockysize=256, **profile) as dst:
+            dst.write(image)
+    else:
+        path = tmp_path / "bands"
+        path.mkdir()
+        for band, arr in zip(BANDS, image):
+            with rasterio.open(path / f"{band}.tif", "w", count=1, **layout, **profile) as dst:
+                dst.write(arr, 1)
+    scene = pr.Scene(path)
+    windows = [(r, c) for r in pr.window_starts(h, 512, 100) for c in pr.window_starts(w, 512, 100)]
+    got = list(pr._read_ahead(scene, windows, io_nice=False))
+    assert [(r, c) for r, c, _ in got] == windows
+    for r, c, data in got:
+        np.testing.assert_array_equal(data, image[:, r:r + 512, c:c + 512], err_msg=f"window ({r}, {c})")
+    scene.close()
+
+
+def test_full_scene_is_read_in_strips_once(tmp_path, ensemble, monkeypatch):
+    """A 10,980 x 10,980 scene (sparse files: nodata but one chip) is never read whole, each band file is read
+    once, in whole-width strips aligned with its 512-row blocks, and memory stays flat."""
     n = 10980
     folder = tmp_path / "big"
     folder.mkdir()
@@ -202,21 +232,24 @@ def test_full_scene_is_read_window_by_window(tmp_path, ensemble, monkeypatch):
                            dtype="uint16", crs=CRS, transform=TRANSFORM, tiled=True, blockxsize=512,
                            blockysize=512, compress="deflate", SPARSE_OK="TRUE") as dst:
             dst.write(arr, 1, window=Window(5000, 5000, 512, 512))  # unwritten tiles read as 0
-    sizes = []
-    real_read = pr.Scene.read
+    reads = []
+    real_read = pr.Scene.read_file
 
-    def spy(self, row, col, height, width):
-        sizes.append((height, width))
-        return real_read(self, row, col, height, width)
+    def spy(self, i, row, col, height, width):
+        reads.append((i, row, col, height, width))
+        return real_read(self, i, row, col, height, width)
 
-    monkeypatch.setattr(pr.Scene, "read", spy)
+    monkeypatch.setattr(pr.Scene, "read_file", spy)
     tracemalloc.start()
     try:
         stats = pr.predict_scene(folder, ensemble, tmp_path / "big.tif", overlap=0)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert len(sizes) == stats.windows == 22 * 22 and max(max(s) for s in sizes) <= 512
+    assert stats.windows == 22 * 22
+    strips = [(row, row + height) for i, row, col, height, width in reads if i == 0]
+    assert strips == [(r, min(r + 512, n)) for r in range(0, n, 512)]  # every row once, on block boundaries
+    assert sorted(reads) == sorted((i, r, 0, b - r, n) for i in range(4) for r, b in strips)
     assert stats.windows - stats.skipped == 4  # the chip at (5000, 5000) straddles 2 x 2 windows
     assert peak < 200e6, f"peak traced memory {peak / 1e6:.0f} MB; a whole band alone is {n * n * 2 / 1e6:.0f} MB"
     with rasterio.open(tmp_path / "big.tif") as src:
