@@ -39,7 +39,8 @@ class Config:
     arch: str = "Unet"  # smp architecture (see cloudseg.models.ARCHITECTURES)
     encoder: str = "timm-mobilenetv3_large_100"  # smp encoder; light, and promotable to the runtime's smp 0.2.1
     encoder_weights: str = ""  # "" = random init (no download); "imagenet" for machines with network
-    init_from: str = ""  # start from these weights: a checkpoint file, an MLflow run id, or a YAML config (its run)
+    init_from: str = ""  # start from these weights: a checkpoint file, an MLflow run id, a YAML config (its run),
+    # or ukis-csmask[:l2a|l1c] (that package's Unet+efficientnet-b4 weights; cloudseg.pretrained)
     # --- optimisation
     loss: str = "0.5*bce+0.5*dice"  # loss names with weights, see cloudseg.losses
     epochs: int = 8  # maximum epochs

@@ -24,7 +24,7 @@ from cloudseg.checkpoint import load_checkpoint, make_checkpoint, model_from_che
 from cloudseg.config import Config, config_bands
 from cloudseg.data.bands import BANDS
 from cloudseg.data.dataset import ChipDataset
-from cloudseg.data.transforms import build_train_transform, fit_normalization
+from cloudseg.data.transforms import Normalization, build_train_transform, fit_normalization
 from cloudseg.data.validate import ValidatedSplit
 from cloudseg.losses import build_loss
 from cloudseg.metrics import JaccardAccumulator, ThresholdSweep
@@ -244,6 +244,11 @@ class Trainer:
             raise ValueError(f"the split was read with bands {','.join(split.bands)} but the config's bands are "
                              f"{cfg.bands}")
         self.normalization = fit_normalization(split, self.train_ids, self.bands, BANDS)
+        if self.init_weights is not None and self.init_weights.is_file():
+            # a model keeps the normalisation its starting weights learned with (ukis-csmask's differs from ours)
+            start = load_checkpoint(self.init_weights)
+            if list(start.get("bands", BANDS)) == list(self.bands):
+                self.normalization = Normalization.from_dict(start["normalization"])
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
 

@@ -119,7 +119,7 @@ def test_init_from_a_run_starts_from_its_weights(env, tiny_data, capsys):
     capsys.readouterr()
     # refusals, before any run starts
     assert train_script.main(["--data", str(tiny_data), *TINY, "--set", "init_from=/nope/best.pt"]) == 2
-    assert "'/nope/best.pt' is neither a checkpoint file, an MLflow run id nor a YAML config" in capsys.readouterr().err
+    assert "'/nope/best.pt' is neither a checkpoint file, an MLflow run id, a YAML config nor " in capsys.readouterr().err
     assert train_script.main(["--data", str(tiny_data), *TINY, "--set", "init_from=" + "0" * 32]) == 2
     assert f"no MLflow run {'0' * 32}" in capsys.readouterr().err
     with pytest.raises(ValueError, match="holds Unet\\+resnet18 .* builds Unet\\+resnet34"):

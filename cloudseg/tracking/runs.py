@@ -165,9 +165,19 @@ def ensure_pretraining(value: str) -> None:
 def resolve_init(value: str) -> Path | None:
     """The local checkpoint file ``init_from`` names: a path as it is; an MLflow run id, whose
     ``checkpoint/best.pt`` is downloaded once into the state root; a YAML config, its finished run's checkpoint
-    (``ensure_pretraining`` trains it first where there is none). Never starts a run."""
+    (``ensure_pretraining`` trains it first where there is none); ``ukis-csmask[:level]``, that package's weights
+    converted once into the state root (``cloudseg.pretrained``). Never starts a run."""
     if not value:
         return None
+    from cloudseg import pretrained
+
+    level = pretrained.parse_ukis(value)
+    if level is not None:  # ukis-csmask's weights, converted once
+        cached = state_root() / "init" / f"{pretrained.UKIS}-{level}" / "best.pt"
+        try:
+            return cached if cached.is_file() else pretrained.ukis_checkpoint(level, cached)
+        except pretrained.PretrainedError as exc:
+            raise RunError(str(exc)) from exc
     pre = pretraining_config(value)
     if pre is not None:
         found = find_pretrained(pre)
@@ -179,7 +189,8 @@ def resolve_init(value: str) -> Path | None:
     if path.is_file():
         return path
     if not re.fullmatch(r"[0-9a-f]{32}", value):
-        raise RunError(f"init_from: {value!r} is neither a checkpoint file, an MLflow run id nor a YAML config")
+        raise RunError(f"init_from: {value!r} is neither a checkpoint file, an MLflow run id, a YAML config nor "
+                       f"ukis-csmask[:l2a|l1c]")
     cached = state_root() / "init" / value / "checkpoint" / "best.pt"
     if cached.is_file():
         return cached

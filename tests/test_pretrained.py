@@ -1,0 +1,80 @@
+"""ukis-csmask's weights as a cloudseg checkpoint (cloudseg.pretrained) and as init_from."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from importlib import resources
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cloudseg import pretrained
+from cloudseg.checkpoint import load_checkpoint, model_from_checkpoint
+from cloudseg.paths import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "experiments"))
+import train as train_script  # noqa: E402
+
+ort = pytest.importorskip("onnxruntime", reason="the dev extra's onnxruntime (ukis-csmask[cpu])")
+pytest.importorskip("onnx", reason="the dev extra's onnx")
+pytest.importorskip("ukis_csmask", reason="the dev extra's ukis-csmask")
+
+
+def test_init_from_values_name_a_level():
+    assert pretrained.parse_ukis("ukis-csmask") == "l2a"
+    assert pretrained.parse_ukis("ukis-csmask:L1C") == "l1c"
+    assert pretrained.parse_ukis("runs/best.pt") is None and pretrained.parse_ukis("ukis-csmaskx") is None
+    with pytest.raises(pretrained.PretrainedError, match="'ukis-csmask:l3': the level must be one of l2a, l1c"):
+        pretrained.parse_ukis("ukis-csmask:l3")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    return pretrained.ukis_checkpoint("l2a", tmp_path_factory.mktemp("ukis") / "ukis.pt")
+
+
+def test_converted_model_computes_what_the_onnx_model_computes(converted):
+    """On the same normalised input, the cloud logit is the ONNX model's z_cloud - z_clear, pixel for pixel."""
+    ckpt = load_checkpoint(converted)
+    folder = resources.files("ukis_csmask")
+    spec = json.loads((folder / "model_4b_l2a.json").read_text())
+    mean, std = (np.array(v, np.float32)[:, None, None] for v in spec["data"]["dataset_statistics"]["img"])
+    norm = ckpt["normalization"]
+    assert (norm["divisor"], norm["clip"]) == (10000.0, 1.0)
+    assert np.allclose(norm["mean"], mean.ravel()) and np.allclose(norm["std"], std.ravel())
+    assert ckpt["bands"] == ["B02", "B03", "B04", "B08"] and ckpt["model"]["encoder_name"] == "efficientnet-b4"
+    assert ckpt["origin"]["licence"] == "Apache-2.0" and ckpt["origin"]["file"] == "model_4b_l2a.onnx"
+    rng = np.random.default_rng(0)
+    dn = np.where(rng.random((2, 4, 256, 256)) < 0.5, rng.integers(300, 1500, (2, 4, 256, 256)),
+                  rng.integers(4000, 9000, (2, 4, 256, 256))).astype(np.float32)
+    x = ((np.clip(dn / 10000.0, 0, 1) - mean) / std).astype(np.float32)
+    session = ort.InferenceSession(str(folder / "model_4b_l2a.onnx"), providers=["CPUExecutionProvider"])
+    z = session.run(None, {session.get_inputs()[0].name: x})[0]
+    expected = z[:, 1] - z[:, 0]
+    with torch.no_grad():
+        got = model_from_checkpoint(ckpt).eval()(torch.from_numpy(x))[:, 0].numpy()
+    assert np.abs(got - expected).max() < 0.25, np.abs(got - expected).max()
+    assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.9999
+    assert np.mean((got > 0) == (expected > 0)) > 0.999
+
+
+def test_init_from_ukis_keeps_its_weights_and_normalisation(mlflow_tmp, tiny_data, tmp_path):
+    """A fine-tune from ukis-csmask starts from its weights and keeps its normalisation in the checkpoint."""
+    args = ["--data", str(tiny_data), "--set", "arch=Unet", "--set", "encoder=efficientnet-b4", "--set", "epochs=1",
+            "--set", "batch_size=2", "--set", "crop_size=64", "--set", "steps_per_epoch=1", "--set", "n_folds=3",
+            "--set", "val_batch_size=2", "--set", "plot_chips=1", "--set", "experiment=ukis",
+            "--set", "init_from=ukis-csmask", "--set", "lr=1e-12"]
+    assert train_script.main(args) == 0
+    client = MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("ukis").experiment_id])[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        tuned = load_checkpoint(client.download_artifacts(run.info.run_id, "checkpoint/best.pt", tmp))
+    source = load_checkpoint(tmp_path / "state" / "init" / "ukis-csmask-l2a" / "best.pt")  # converted once, kept
+    assert tuned["normalization"] == source["normalization"]
+    convs = [k for k, v in source["state_dict"].items() if k.endswith(".weight") and v.ndim == 4]
+    assert len(convs) > 100
+    assert all(torch.allclose(source["state_dict"][k], tuned["state_dict"][k], rtol=0, atol=1e-7) for k in convs)
