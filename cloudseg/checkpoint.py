@@ -62,6 +62,35 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def static_paddings(model: torch.nn.Module) -> dict[str, list[int]]:
+    """The fixed paddings of "same"-padding convolutions (EfficientNet encoders), by module name.
+
+    They are computed from the encoder's nominal image size when the model is built, and smp versions compute some
+    differently: smp 0.6 pads the first stride-2 5x5 convolution of efficientnet-b4 (``encoder._blocks.6``) by
+    (2, 2, 2, 2), the competition runtime's smp 0.2.1 by (1, 2, 1, 2), which moves every feature after it. A
+    checkpoint records the paddings its weights were trained with, and every loader (``model_from_checkpoint``,
+    main.py) applies them. Empty for encoders without such convolutions.
+    """
+    out = {}
+    for name, module in unwrap(model).named_modules():
+        pad = getattr(module, "static_padding", None)
+        if isinstance(pad, torch.nn.ZeroPad2d):
+            out[name] = [int(p) for p in pad.padding]
+        elif isinstance(pad, torch.nn.Identity):
+            out[name] = [0, 0, 0, 0]
+    return out
+
+
+def apply_static_paddings(model: torch.nn.Module, paddings: dict[str, list[int]]) -> None:
+    """Set the recorded ``static_paddings`` on a freshly built model (in place)."""
+    modules = dict(model.named_modules())
+    for name, pad in paddings.items():
+        module = modules.get(name)
+        if module is None or not hasattr(module, "static_padding"):
+            raise ValueError(f"checkpoint records a static padding for {name!r}, which this model does not have")
+        module.static_padding = torch.nn.ZeroPad2d(tuple(pad)) if any(pad) else torch.nn.Identity()
+
+
 def make_checkpoint(
     model: torch.nn.Module,
     model_args: dict,
@@ -76,7 +105,7 @@ def make_checkpoint(
     channels in order (``model_args["in_channels"]`` of them)."""
     if len(bands) != int(model_args.get("in_channels", len(BANDS))):
         raise ValueError(f"{len(bands)} bands {list(bands)} for a model of in_channels={model_args.get('in_channels')}")
-    return {
+    ckpt = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": _plain(model_args),
@@ -89,6 +118,10 @@ def make_checkpoint(
         "epoch": int(epoch),
         "metrics": _plain(metrics or {}),
     }
+    paddings = static_paddings(model)
+    if paddings:
+        ckpt["static_padding"] = paddings
+    return ckpt
 
 
 def save_checkpoint(ckpt: dict, path: Path | str) -> Path:
@@ -121,4 +154,5 @@ def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
                         in_channels=args.get("in_channels", 4), classes=args.get("classes", 1),
                         **args.get("kwargs", {}))
     model.load_state_dict(ckpt["state_dict"])
+    apply_static_paddings(model, ckpt.get("static_padding") or {})
     return model.eval()

@@ -178,28 +178,55 @@ def test_runtime_support_checks_constructor_arguments():
     assert ok and "not recorded" in reason
 
 
+def test_a_checkpoint_records_the_same_paddings_its_weights_were_trained_with(tmp_path, monkeypatch):
+    from cloudseg import checkpoint
+
+    args = model_args("Unet", "efficientnet-b4")
+    model = build_model(args["arch"], args["encoder_name"]).eval()
+    ckpt = make_checkpoint(model, args, {"kind": "none"}, 0.5, {}, epoch=0)
+    assert ckpt["static_padding"]["encoder._blocks.6._depthwise_conv"] == [2, 2, 2, 2]
+    assert "static_padding" not in make_checkpoint(build_model("Unet", "resnet18"), model_args("Unet", "resnet18"),
+                                                   {"kind": "none"}, 0.5, {}, epoch=0)
+    # a loader whose smp pads that convolution as smp 0.2.1 does gets the recorded padding back
+    built = checkpoint.static_paddings
+    real_build = build_model
+
+    def build_as_smp_021(*a, **kw):
+        m = real_build(*a, **kw)
+        m.encoder._blocks[6]._depthwise_conv.static_padding = torch.nn.ZeroPad2d((1, 2, 1, 2))
+        return m
+
+    monkeypatch.setattr("cloudseg.models.build_model", build_as_smp_021)
+    loaded = model_from_checkpoint(ckpt)
+    assert built(loaded) == ckpt["static_padding"]
+    x = torch.rand(1, 4, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ValueError, match="'encoder.nope'"):
+        checkpoint.apply_static_paddings(loaded, {"encoder.nope": [1, 1, 1, 1]})
+
+
 # ------------------------------------------------------------------------- real load under smp 0.2.1
 _LOAD_IN_RUNTIME = textwrap.dedent("""
     import json, sys, warnings
     warnings.filterwarnings("ignore")
     import torch, segmentation_models_pytorch as smp
-    ckpt = torch.load(sys.argv[1], map_location="cpu")
+    sys.path.insert(0, sys.argv[3])
+    import main  # the submission's loader, as it runs in the competition
     io = torch.load(sys.argv[2], map_location="cpu")
-    a = ckpt["model"]
-    model = smp.create_model(a["arch"], encoder_name=a["encoder_name"], encoder_weights=None,
-                             in_channels=a["in_channels"], classes=a["classes"], **a["kwargs"])
-    model.load_state_dict(ckpt["state_dict"], strict=True)
-    model.eval()
+    members, _, _ = main.load_members({"models": [sys.argv[1]]}, torch.device("cpu"))
     with torch.no_grad():
-        y = model(io["x"])
+        y = members[0].model(io["x"])
     print(json.dumps({"smp": smp.__version__, "max_abs_diff": (y - io["y"]).abs().max().item()}))
 """)
 
 
 @pytest.mark.runtime
 @pytest.mark.skipif(not RUNTIME_PYTHON.is_file(), reason=f"{RUNTIME_PYTHON} missing: run `make runtime-env`")
-def test_checkpoint_trained_here_loads_and_predicts_the_same_in_smp_021(tmp_path):
-    args = model_args("Unet", "resnet18")
+@pytest.mark.parametrize("encoder", ["resnet18", "efficientnet-b4"])
+def test_checkpoint_trained_here_loads_and_predicts_the_same_in_smp_021(tmp_path, encoder):
+    """efficientnet-b4: smp 0.2.1 computes one "same" padding differently; the checkpoint's record fixes it."""
+    args = model_args("Unet", encoder)
     model = build_model(args["arch"], args["encoder_name"]).eval()
     for m in model.modules():  # non-trivial BatchNorm statistics, so eval-mode arithmetic is really compared
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -213,7 +240,8 @@ def test_checkpoint_trained_here_loads_and_predicts_the_same_in_smp_021(tmp_path
     torch.save({"x": x, "y": y}, tmp_path / "io.pt")
     (tmp_path / "load.py").write_text(_LOAD_IN_RUNTIME)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    out = subprocess.run([str(RUNTIME_PYTHON), str(tmp_path / "load.py"), str(ckpt), str(tmp_path / "io.pt")],
+    out = subprocess.run([str(RUNTIME_PYTHON), str(tmp_path / "load.py"), str(ckpt), str(tmp_path / "io.pt"),
+                          str(ROOT / "cloudseg" / "submission")],
                          capture_output=True, text=True, timeout=120, env=env, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -67,7 +67,7 @@ def write_submission(
         ckpt = Path(ckpt)
         if not ckpt.is_file():
             raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
-        shutil.copyfile(ckpt, assets / f"model_{k}.pt")
+        _copy_checkpoint(ckpt, assets / f"model_{k}.pt")
         models.append(f"assets/model_{k}.pt")
     inference = {"models": models, "threshold": threshold, "tta": tta, "batch_size": int(batch_size),
                  "num_workers": int(num_workers), "amp": bool(amp), "compression": compression}
@@ -75,6 +75,20 @@ def write_submission(
         inference["stac"] = dict(stac)
     (assets / "inference.json").write_text(json.dumps(inference, indent=2) + "\n")
     return folder
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> None:
+    """Copy a checkpoint, adding the record of its "same" paddings (``checkpoint.static_paddings``) where it was
+    written before checkpoints kept one: its weights were trained under this smp, so this smp's paddings are theirs,
+    and main.py needs them where the runtime's smp computes others (EfficientNet encoders)."""
+    from cloudseg.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, static_paddings
+
+    ckpt = load_checkpoint(src)
+    paddings = {} if "static_padding" in ckpt else static_paddings(model_from_checkpoint(ckpt))
+    if paddings:
+        save_checkpoint({**ckpt, "static_padding": paddings}, dst)
+    else:
+        shutil.copyfile(src, dst)
 
 
 class SubmissionLinkError(ValueError):

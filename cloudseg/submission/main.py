@@ -393,6 +393,17 @@ def load_inference_config(base: Path = HERE) -> Dict[str, Any]:
     return config
 
 
+def set_static_paddings(model: torch.nn.Module, paddings: Dict[str, List[int]], path: Path) -> None:
+    """The "same" paddings the weights were trained with (EfficientNet encoders): this smp version may compute
+    some differently from its nominal image size (cloudseg.checkpoint.static_paddings)."""
+    modules = dict(model.named_modules())
+    for name, pad in paddings.items():
+        module = modules.get(name)
+        if module is None or not hasattr(module, "static_padding"):
+            raise RuntimeError("%s: a static padding is recorded for %r, which this model does not have" % (path, name))
+        module.static_padding = torch.nn.ZeroPad2d(tuple(pad)) if any(pad) else torch.nn.Identity()
+
+
 def load_members(config: Dict[str, Any], device: torch.device,
                  base: Path = HERE) -> Tuple[List[Member], List[str], float]:
     """Rebuild each checkpoint's model on ``device`` in eval mode.
@@ -427,6 +438,7 @@ def load_members(config: Dict[str, Any], device: torch.device,
         except RuntimeError as exc:
             raise RuntimeError("%s: weights do not fit %s/%s under this smp version: %s"
                                % (path, args["arch"], args["encoder_name"], str(exc)[:500]))
+        set_static_paddings(model, ckpt.get("static_padding") or {}, path)
         model_bands = list(ckpt.get("bands") or DEFAULT_BANDS)
         if len(model_bands) != in_channels:
             raise ValueError("%s: %d bands %s but in_channels=%d"
