@@ -152,12 +152,15 @@ def augment_rng_holders(transform) -> list:
     return out
 
 
-def load_init_weights(model: torch.nn.Module, args: dict, path: Path | str) -> None:
-    """Load a cloudseg checkpoint's weights into ``model`` (config key init_from); refuse another model."""
-    path = Path(path)
+def read_init_checkpoint(path: Path) -> dict:
+    """The checkpoint config key init_from resolved to (a file)."""
     if not path.is_file():
         raise FileNotFoundError(f"init_from: {path} is not a checkpoint file")
-    ckpt = load_checkpoint(path)
+    return load_checkpoint(path)
+
+
+def load_init_weights(model: torch.nn.Module, args: dict, ckpt: dict, path: Path) -> None:
+    """Load the init_from checkpoint ``ckpt`` (read from ``path``) into ``model``; refuse another model."""
     theirs = {k: ckpt["model"].get(k) for k in ("arch", "encoder_name", "in_channels", "classes")}
     mine = {k: args.get(k) for k in theirs}
     if theirs != mine:
@@ -243,12 +246,12 @@ class Trainer:
         if tuple(split.bands) != self.bands:
             raise ValueError(f"the split was read with bands {','.join(split.bands)} but the config's bands are "
                              f"{cfg.bands}")
-        self.normalization = fit_normalization(split, self.train_ids, self.bands, BANDS)
-        if self.init_weights is not None and self.init_weights.is_file():
+        self.start = read_init_checkpoint(self.init_weights) if self.init_weights is not None else None
+        if self.start is not None and list(self.start.get("bands", BANDS)) == list(self.bands):
             # a model keeps the normalisation its starting weights learned with (ukis-csmask's differs from ours)
-            start = load_checkpoint(self.init_weights)
-            if list(start.get("bands", BANDS)) == list(self.bands):
-                self.normalization = Normalization.from_dict(start["normalization"])
+            self.normalization = Normalization.from_dict(self.start["normalization"])
+        else:
+            self.normalization = fit_normalization(split, self.train_ids, self.bands, BANDS)
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
 
@@ -259,8 +262,8 @@ class Trainer:
         self.model_args = model_args(cfg.arch, cfg.encoder, in_channels=len(self.bands))
         model = build_model(cfg.arch, cfg.encoder, encoder_weights=cfg.encoder_weights or None,
                             in_channels=len(self.bands))
-        if self.init_weights:
-            load_init_weights(model, self.model_args, self.init_weights)
+        if self.start is not None:
+            load_init_weights(model, self.model_args, self.start, self.init_weights)
         model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
