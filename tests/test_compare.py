@@ -223,6 +223,21 @@ def test_cv_resamples_locations_from_the_data_folder(store, capsys, data_dir):
     assert parse_last(out)["verdict"] == "a_better"
 
 
+def test_cv_table_shows_where_the_difference_comes_from(store, capsys, data_dir):
+    """One location carrying the whole difference tops the per-location table; the others show none."""
+    ratio = np.where(np.arange(40) % 8 == 0, 0.95, 0.7)  # chips of LOCATIONS[0] only
+    a = fake_run(counts(ratio=ratio), "cv", data=data_dir, with_location=False)
+    b = fake_run(counts(ratio=0.7), "cv", data=data_dir, with_location=False)
+    rc, out, _ = run_cli(capsys, a, b, "--metric", "cv_jaccard")
+    assert rc == 0
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ") and line.split()[0] in LOCATIONS]
+    assert len(rows) == 8 and rows[0][0] == LOCATIONS[0], out
+    assert rows[0][1] == "5" and float(rows[0][4]) == pytest.approx(0.25, abs=1e-3)
+    assert all(abs(float(r[4])) < 1e-3 for r in rows[1:])
+    cmp = compare.compare(a, b, "all", n_boot=200)
+    assert [r["group"] for r in compare.by_group(cmp)][0] == LOCATIONS[0]
+
+
 def test_repeat_parents_pair_by_seed(store, capsys):
     good = repeat_run([0.80, 0.78, 0.82])
     bad = repeat_run([0.70, 0.69, 0.72])

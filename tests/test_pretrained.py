@@ -32,27 +32,28 @@ def test_init_from_values_name_a_level():
         pretrained.parse_ukis("ukis-csmask:l3")
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    return pretrained.ukis_checkpoint("l2a", tmp_path_factory.mktemp("ukis") / "ukis.pt")
+@pytest.fixture(scope="module", params=["l2a", "l1c"])
+def converted(request, tmp_path_factory):
+    return request.param, pretrained.ukis_checkpoint(request.param, tmp_path_factory.mktemp("ukis") / "ukis.pt")
 
 
 def test_converted_model_computes_what_the_onnx_model_computes(converted):
     """On the same normalised input, the cloud logit is the ONNX model's z_cloud - z_clear, pixel for pixel."""
-    ckpt = load_checkpoint(converted)
+    level, path = converted
+    ckpt = load_checkpoint(path)
     folder = resources.files("ukis_csmask")
-    spec = json.loads((folder / "model_4b_l2a.json").read_text())
+    spec = json.loads((folder / f"model_4b_{level}.json").read_text())
     mean, std = (np.array(v, np.float32)[:, None, None] for v in spec["data"]["dataset_statistics"]["img"])
     norm = ckpt["normalization"]
     assert (norm["divisor"], norm["clip"]) == (10000.0, 1.0)
     assert np.allclose(norm["mean"], mean.ravel()) and np.allclose(norm["std"], std.ravel())
     assert ckpt["bands"] == ["B02", "B03", "B04", "B08"] and ckpt["model"]["encoder_name"] == "efficientnet-b4"
-    assert ckpt["origin"]["licence"] == "Apache-2.0" and ckpt["origin"]["file"] == "model_4b_l2a.onnx"
+    assert ckpt["origin"]["licence"] == "Apache-2.0" and ckpt["origin"]["file"] == f"model_4b_{level}.onnx"
     rng = np.random.default_rng(0)
     dn = np.where(rng.random((2, 4, 256, 256)) < 0.5, rng.integers(300, 1500, (2, 4, 256, 256)),
                   rng.integers(4000, 9000, (2, 4, 256, 256))).astype(np.float32)
     x = ((np.clip(dn / 10000.0, 0, 1) - mean) / std).astype(np.float32)
-    session = ort.InferenceSession(str(folder / "model_4b_l2a.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(folder / f"model_4b_{level}.onnx"), providers=["CPUExecutionProvider"])
     z = session.run(None, {session.get_inputs()[0].name: x})[0]
     expected = z[:, 1] - z[:, 0]
     with torch.no_grad():

@@ -81,6 +81,7 @@ class Comparison:
     boot: stats.Bootstrap
     n_boot: int
     seed: int
+    groups: np.ndarray  # the unit each chip is resampled in (its location, or its own id). Shape: (n_chips,)
 
 
 def metric_subset(metric: str) -> str:
@@ -247,7 +248,7 @@ def compare(run_a: str, run_b: str, metric: str = "all", n_boot: int = 10_000, s
         boot = stats.paired_bootstrap(a.inter, a.union, b.inter, b.union, groups, n_boot, seed, paired)
     except ValueError as exc:
         raise CompareError(f"runs {run_a} and {run_b}: {exc}") from exc
-    return Comparison(a, b, subset, unit, n_suspect, boot, n_boot, seed)
+    return Comparison(a, b, subset, unit, n_suspect, boot, n_boot, seed, np.asarray(groups))
 
 
 def _fmt(x: float) -> str:
@@ -268,6 +269,30 @@ def summary(cmp: Comparison) -> list[dict]:
     return rows
 
 
+def by_group(cmp: Comparison) -> list[dict]:
+    """Each resampled unit's own figure for A and B and their difference, largest |difference| first.
+
+    Shows where a difference comes from: one location carrying it reads very differently from every location
+    agreeing.
+    """
+    rows = []
+    for g in np.unique(cmp.groups):
+        keep = cmp.groups == g
+        a = stats.figure(cmp.a.inter[keep], cmp.a.union[keep])
+        b = stats.figure(cmp.b.inter[keep], cmp.b.union[keep])
+        rows.append({"group": str(g), "chips": int(keep.sum()), "a": a, "b": b, "delta": a - b})
+    return sorted(rows, key=lambda r: -abs(r["delta"]) if np.isfinite(r["delta"]) else 0.0)
+
+
+def format_groups(cmp: Comparison) -> str:
+    """The ``by_group`` rows as text (locations only: a table of every chip would bury the result)."""
+    lines = [f"  {cmp.unit:24} {'chips':>5} {'A':>9} {'B':>9} {'A - B':>10}"]
+    for r in by_group(cmp):
+        lines.append(f"  {r['group'][:24]:24} {r['chips']:>5} {_fmt(r['a']):>9} {_fmt(r['b']):>9} "
+                     f"{r['delta']:>+10.6f}")
+    return "\n".join(lines)
+
+
 def format_table(cmp: Comparison) -> str:
     """The human-readable table printed before the last line."""
     head = f"{'':2}{'run':34} {'kind':7} {'seeds':>5} {'chips':>6} {'jaccard':>9}"
@@ -283,6 +308,8 @@ def format_table(cmp: Comparison) -> str:
     left_out = f" ({cmp.n_suspect} suspect chips left out)" if cmp.metric == "clean" else ""
     dropped = f"; {b.n_dropped} replicates without a union dropped" if b.n_dropped else ""
     seeds = "paired" if b.paired_seeds else "drawn per run"
+    if cmp.unit == "location":
+        lines.append(format_groups(cmp))
     lines.append(f"metric={cmp.metric}{left_out}; bootstrap over {b.n_groups} {cmp.unit}s, {cmp.n_boot} "
                  f"replicates (seed {cmp.seed}), seeds {seeds}{dropped}")
     if cmp.unit == "location" and b.n_groups < 10:
@@ -347,7 +374,7 @@ def log_comparison(cmp: Comparison) -> str:
             client.log_metric(run_id, k, float(v))
         outcome = {"runs": rows, "metric": cmp.metric, "unit": cmp.unit, "n_boot": cmp.n_boot,
                    "seed": cmp.seed, "delta": b.delta, "ci_low": b.ci_low, "ci_high": b.ci_high,
-                   "verdict": b.verdict, "n_suspect": cmp.n_suspect}
+                   "verdict": b.verdict, "n_suspect": cmp.n_suspect, "by_group": by_group(cmp)}
         tracking.log_json(run_id, _plain(outcome), "compare.json")
         with tracking.scratch_dir() as tmp:
             png = Path(tmp) / "compare_delta.png"
