@@ -9,7 +9,8 @@ development, a location-bootstrap 95% interval of cloudseg minus the peer, and l
 
 Nothing tuned sees the held-out location's labels: the recipe keeps its last epoch at a fixed threshold, the
 brightness threshold is fitted on the training locations of each fold, and the synthetic-only model never sees a
-real label. The peer's figure is its best setting over the whole sample (generous to the peer); the setting chosen
+real label (it trains the recipe's settings on the synthetic default, or ``real-scratch.yaml``'s when the recipe
+starts from ukis-csmask's weights; ``--synthetic-config`` picks others). The peer's figure is its best setting over the whole sample (generous to the peer); the setting chosen
 on each fold's training locations is shown beside it. Each model's training is an MLflow run in experiment
 ``bench-quality`` (children of one ``bench`` parent run that also holds the table).
 """
@@ -34,6 +35,8 @@ from cloudseg.paths import REPO_ROOT  # noqa: E402
 EXPERIMENT = "bench-quality"
 DEFAULT_CONFIG = REPO_ROOT / "experiments" / "configs" / "real-best.yaml"
 FALLBACK_CONFIG = REPO_ROOT / "experiments" / "configs" / "real-sample.yaml"
+# the synthetic-only model's settings when the recipe starts from outside weights: the recipe without them
+SYNTHETIC_CONFIG = REPO_ROOT / "experiments" / "configs" / "real-scratch.yaml"
 DEV_EXPERIMENTS = ("real-sample", "real-best", EXPERIMENT)
 
 
@@ -141,6 +144,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mix-synthetic", type=int, default=None,
                    help="synthetic chips added to each fold's training (default: the recipe's mix_synthetic)")
     p.add_argument("--synthetic", default="synthetic", help="synthetic data folder ('synthetic' = data/synthetic)")
+    p.add_argument("--synthetic-config", type=Path, default=None,
+                   help="settings of the synthetic-only model (default: the recipe's own, or real-scratch.yaml's "
+                        "when the recipe starts from ukis-csmask's weights, whose short gentle fine-tune would "
+                        "learn nothing from scratch); --set applies to it too")
     p.add_argument("--ukis", default=None,
                    help="ukis settings, e.g. l2a@30,l1c@30,l2a@10,l1c@10 (default all four; --quick: the 30 m ones)")
     p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads")
@@ -159,6 +166,22 @@ def recipe_config(args: argparse.Namespace) -> Config:
     if args.quick and not any(s.startswith("epochs=") for s in args.sets):
         over["epochs"] = 2
     return apply_overrides(cfg, over, "bench_quality")
+
+
+def synthetic_config(args: argparse.Namespace, cfg: Config) -> Config:
+    """The synthetic-only model's settings before the synthetic overrides: ``--synthetic-config``, else
+    ``SYNTHETIC_CONFIG`` when the recipe starts from ukis-csmask's weights, else the recipe itself."""
+    from cloudseg.pretrained import parse_ukis
+
+    path = args.synthetic_config
+    if path is None and parse_ukis(cfg.init_from or "") is not None and SYNTHETIC_CONFIG.is_file():
+        path = SYNTHETIC_CONFIG
+    if path is None:
+        return cfg
+    scfg = load_config(path, args.sets)
+    if args.quick and not any(s.startswith("epochs=") for s in args.sets):
+        scfg = apply_overrides(scfg, {"epochs": 2}, "bench_quality --quick")
+    return scfg
 
 
 def main(argv=None) -> int:
@@ -222,7 +245,7 @@ def main(argv=None) -> int:
 
         # ---------------------------------------------------------- synthetic-only model
         # the recipe's own pretraining when its init_from names a config (trained here, so the benchmark's time
-        # includes it; the folds start from it), else the recipe's settings on the synthetic default
+        # includes it; the folds start from it), else synthetic_config's settings on the synthetic default
         pre_path = config_path(cfg.init_from) if cfg.init_from else None
         # a run id or checkpoint file, resolved once; a config's pretraining is trained below
         syn_ckpt = resolve_init(cfg.init_from) if cfg.init_from and pre_path is None else None
@@ -236,10 +259,12 @@ def main(argv=None) -> int:
                 scfg = apply_overrides(load_config(pre_path), pover, f"pretraining {pre_path.name}")
                 syn_root = resolve_data(scfg.data, scfg.synthetic_n)
             else:
-                syn_root = resolve_data(args.synthetic, cfg.synthetic_n)
-                scfg = apply_overrides(cfg, {"data": str(syn_root), "n_folds": 4, "fold": 0, "keep": "best",
-                                             "mix_synthetic": 0, "init_from": "", "tune_threshold": True,
-                                             "plot_chips": 6, "exclude_ids": ""}, "synthetic")
+                base = synthetic_config(args, cfg)
+                syn_root = resolve_data(args.synthetic, base.synthetic_n)
+                scfg = apply_overrides(base, {"data": str(syn_root), "n_folds": 4, "fold": 0, "keep": "best",
+                                              "mix_synthetic": 0, "init_from": "", "tune_threshold": True,
+                                              "plot_chips": 6, "exclude_ids": "", "experiment": EXPERIMENT,
+                                              "num_threads": args.threads}, "synthetic")
             syn = validate_split(syn_root, "train", labels=True, load=True)
             s_train, s_val = fold_split(syn.metadata.reset_index(), scfg.n_folds, scfg.fold, scfg.seed)
             rid, res = train_model(scfg, syn, s_train, s_val, "bench-synthetic", {"cloudseg.data": str(syn_root)},

@@ -71,6 +71,27 @@ def test_bench_quality_baselines_only_prints_the_interface_line(tiny_data, mlflo
     assert "all_cloud" in table and "brightness" in table and "recipes tried in development" in table
 
 
+def test_synthetic_only_model_trains_from_scratch_settings_when_the_recipe_starts_from_ukis(tmp_path):
+    """A recipe fine-tuning outside weights gently would learn nothing from scratch: the synthetic-only model takes
+    real-scratch.yaml's settings then, the recipe's own otherwise, and --synthetic-config wins over both."""
+    from cloudseg.config import apply_overrides, load_config
+
+    bq = _bench()
+    recipe = load_config(ROOT / "experiments" / "configs" / "real-best.yaml")
+    assert recipe.init_from.startswith("ukis-csmask")
+    got = bq.synthetic_config(bq.parse_args(["--set", "batch_size=3"]), recipe)
+    scratch = load_config(bq.SYNTHETIC_CONFIG)
+    assert (got.encoder, got.lr, got.epochs) == (scratch.encoder, scratch.lr, scratch.epochs) != (
+        recipe.encoder, recipe.lr, recipe.epochs)
+    assert got.batch_size == 3  # --set applies to it too
+    plain = apply_overrides(recipe, {"init_from": ""}, "test")
+    assert bq.synthetic_config(bq.parse_args([]), plain) is plain
+    own = tmp_path / "syn.yaml"
+    own.write_text("encoder: resnet18\nepochs: 1\n")
+    chosen = bq.synthetic_config(bq.parse_args(["--synthetic-config", str(own)]), recipe)
+    assert (chosen.encoder, chosen.epochs) == ("resnet18", 1)
+
+
 @pytest.mark.slow
 def test_bench_quality_trains_the_recipe_out_of_fold(tiny_data, mlflow_tmp, tmp_path, capsys):
     bq = _bench()
