@@ -10,9 +10,10 @@ development, a location-bootstrap 95% interval of cloudseg minus the peer, and l
 Nothing tuned sees the held-out location's labels: the recipe keeps its last epoch at a fixed threshold, the
 brightness threshold is fitted on the training locations of each fold, and the synthetic-only model never sees a
 real label (it trains the recipe's settings on the synthetic default, or ``real-scratch.yaml``'s when the recipe
-starts from ukis-csmask's weights; ``--synthetic-config`` picks others). The peer's figure is its best setting over the whole sample (generous to the peer); the setting chosen
-on each fold's training locations is shown beside it. Each model's training is an MLflow run in experiment
-``bench-quality`` (children of one ``bench`` parent run that also holds the table).
+starts from ukis-csmask's weights; ``--synthetic-config`` picks others). The peer's figure is its best setting over
+the whole sample (generous to the peer); the setting chosen on each fold's training locations is shown beside it.
+Each model's training is an MLflow run in experiment ``bench-quality`` (children of one ``bench`` parent run that
+also holds the table).
 """
 
 from __future__ import annotations
@@ -158,13 +159,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def quick_overrides(args: argparse.Namespace) -> dict:
+    """``--quick`` trains 2 epochs, unless ``--set epochs=`` says otherwise."""
+    return {"epochs": 2} if args.quick and not any(s.startswith("epochs=") for s in args.sets) else {}
+
+
 def recipe_config(args: argparse.Namespace) -> Config:
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else FALLBACK_CONFIG)
     cfg = load_config(path, args.sets)
     over = {"experiment": EXPERIMENT, "num_threads": args.threads, "keep": "last", "tune_threshold": False,
-            "plot_chips": 10_000}  # plot_chips: keep every held-out chip's probabilities for the audit
-    if args.quick and not any(s.startswith("epochs=") for s in args.sets):
-        over["epochs"] = 2
+            "plot_chips": 10_000, **quick_overrides(args)}  # plot_chips: every held-out chip's probabilities
     return apply_overrides(cfg, over, "bench_quality")
 
 
@@ -178,10 +182,7 @@ def synthetic_config(args: argparse.Namespace, cfg: Config) -> Config:
         path = SYNTHETIC_CONFIG
     if path is None:
         return cfg
-    scfg = load_config(path, args.sets)
-    if args.quick and not any(s.startswith("epochs=") for s in args.sets):
-        scfg = apply_overrides(scfg, {"epochs": 2}, "bench_quality --quick")
-    return scfg
+    return apply_overrides(load_config(path, args.sets), quick_overrides(args), "bench_quality")
 
 
 def main(argv=None) -> int:

@@ -120,7 +120,8 @@ def test_a_recipe_pretraining_is_the_synthetic_model_and_seeds_every_fold(tiny_d
                    "crop_size: 64\nn_folds: 3\nval_batch_size: 2\nplot_chips: 1\nsteps_per_epoch: 1\n")
     loaded = []
     real_load = training.load_init_weights
-    monkeypatch.setattr(training, "load_init_weights", lambda m, a, c, p: (loaded.append(Path(p)), real_load(m, a, c, p)))
+    monkeypatch.setattr(training, "load_init_weights",
+                        lambda m, a, c, p: (loaded.append(Path(p)), real_load(m, a, c, p)))
     bq = _bench()
     rc = bq.main(["--data", str(tiny_data), "--folds", "0", "--skip", "ukis", "--threads", "1",
                   "--set", "epochs=1", "--set", "crop_size=64", "--set", "batch_size=2", "--set", "steps_per_epoch=1",
