@@ -20,16 +20,38 @@ def score(
     """Score predictions with the competition metric (sum of intersections / sum of unions)."""
     import pandas as pd
 
-    from cloudseg.metrics import score_folders
+    from cloudseg.metrics import EmptyUnionError, ScoreError, score_folders
 
-    acc = score_folders(pred_dir, label_dir)
-    if by_chip:
-        typer.echo(acc.per_chip().to_string(index=False, float_format=lambda v: f"{v:.6f}"))
-    if by_location is not None:
-        meta = pd.read_csv(by_location, dtype=str, keep_default_na=False)
-        typer.echo(acc.by_location(meta).to_string(index=False, float_format=lambda v: f"{v:.6f}"))
+    try:
+        meta = None
+        if by_location is not None:  # read first: a wrong file fails before every chip is read
+            try:
+                meta = pd.read_csv(by_location, dtype=str, keep_default_na=False)
+            except (OSError, ValueError, pd.errors.ParserError) as exc:  # UnicodeDecodeError is a ValueError
+                raise ScoreError(f"{by_location}: not a readable metadata CSV ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+            absent = [c for c in ("chip_id", "location") if c not in meta.columns]
+            if absent:
+                raise ScoreError(f"{by_location}: no {' or '.join(absent)} column (a metadata CSV has chip_id, "
+                                 f"location, ...; found {', '.join(map(str, meta.columns[:6]))})")
+        acc = score_folders(pred_dir, label_dir)
+        total = acc.score()
+        if by_chip:
+            typer.echo(acc.per_chip().to_string(index=False, float_format=lambda v: f"{v:.6f}"))
+        if meta is not None:
+            try:
+                table = acc.by_location(meta)
+            except ValueError as exc:  # chip ids the metadata lacks
+                raise ScoreError(f"{by_location}: {exc}") from exc
+            typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.6f}"))
+    except ScoreError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    except EmptyUnionError as exc:
+        typer.echo(f"error: {pred_dir} against {label_dir}: {exc}", err=True)
+        raise typer.Exit(2)
     typer.echo(f"chips={len(acc)}")
-    typer.echo(f"jaccard={acc.score():.10f}")
+    typer.echo(f"jaccard={total:.10f}")
 
 
 @app.command()

@@ -12,6 +12,10 @@ class EmptyUnionError(ValueError):
     """Raised when predictions and labels are empty everywhere: the metric is undefined (0/0)."""
 
 
+class ScoreError(ValueError):
+    """A prediction or label folder cannot be scored; the message names the file and the problem."""
+
+
 def intersection_union(pred: np.ndarray, label: np.ndarray) -> tuple[int, int]:
     """Pixel counts |pred AND label| and |pred OR label| of one chip. Shape: (H, W) each, values {0, 1}."""
     if pred.shape != label.shape:
@@ -112,22 +116,55 @@ class ThresholdSweep:
         return float(t[i]), float(j[i])
 
 
+def _nodata(path: Path) -> float | None:
+    import rasterio
+
+    try:
+        with rasterio.open(path) as src:
+            return src.nodata
+    except Exception:  # read_band opened it a moment ago; a nodata note is only a hint
+        return None
+
+
 def score_folders(pred_dir: Path | str, label_dir: Path | str) -> JaccardAccumulator:
-    """Score ``<pred_dir>/<id>.tif`` against ``<label_dir>/<id>.tif`` for every label. Missing predictions raise."""
-    from cloudseg.data.io import read_band
+    """Score ``<pred_dir>/<id>.tif`` against ``<label_dir>/<id>.tif`` for every label.
+
+    Raises:
+        ScoreError: a folder missing or without labels, a prediction missing, a file unreadable (truncated, more
+            than one band), shapes that differ, or values other than 0/1 in a prediction or a label (a label's
+            nodata value included: the competition metric counts every pixel). The message names the file.
+    """
+    from cloudseg.data.io import ChipReadError, read_band
 
     pred_dir, label_dir = Path(pred_dir), Path(label_dir)
+    for what, folder in (("prediction", pred_dir), ("label", label_dir)):
+        if not folder.is_dir():
+            raise ScoreError(f"{folder}: {what} folder does not exist" if not folder.exists()
+                             else f"{folder}: not a folder (give the {what} folder)")
     labels = sorted(p for p in label_dir.glob("*.tif") if not p.name.startswith("."))
     if not labels:
-        raise FileNotFoundError(f"no label .tif files in {label_dir}")
+        raise ScoreError(f"{label_dir}: no label .tif files in it")
     missing = [p.name for p in labels if not (pred_dir / p.name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} prediction(s) missing in {pred_dir}, e.g. {missing[:5]}")
+        more = f" (and {len(missing) - 1} more of {len(labels)})" if len(missing) > 1 else ""
+        raise ScoreError(f"{pred_dir / missing[0]}: prediction missing{more}")
     acc = JaccardAccumulator()
     for lab_path in labels:
-        pred = read_band(pred_dir / lab_path.name)
-        bad = np.setdiff1d(np.unique(pred), [0, 1])
-        if bad.size:
-            raise ValueError(f"{pred_dir / lab_path.name}: prediction values {bad[:5].tolist()} are not 0/1")
-        acc.add(lab_path.stem, pred, read_band(lab_path))
+        pred_path = pred_dir / lab_path.name
+        try:
+            pred, label = read_band(pred_path), read_band(lab_path)
+        except ChipReadError as exc:
+            raise ScoreError(str(exc)) from exc
+        if pred.shape != label.shape:
+            raise ScoreError(f"{pred_path}: shape {pred.shape} differs from its label's {label.shape} ({lab_path})")
+        for path, arr, what in ((pred_path, pred, "prediction"), (lab_path, label, "label")):
+            bad = np.setdiff1d(np.unique(arr), [0, 1])
+            if bad.size:
+                nodata = _nodata(path)
+                note = ""
+                if nodata is not None and np.isin(bad, [nodata]).any():
+                    note = (f" ({nodata:g} is the file's nodata: the competition metric counts every pixel, so "
+                            "fill those pixels or leave the chip out)")
+                raise ScoreError(f"{path}: {what} values {bad[:5].tolist()} are not 0/1{note}")
+        acc.add(lab_path.stem, pred, label)
     return acc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -109,13 +111,59 @@ def test_score_command_by_hand(tmp_path):
     assert "0.500000" in result.output  # chip a's own Jaccard
 
 
-def test_score_missing_prediction_is_an_error(tmp_path):
-    labels, preds = tmp_path / "labels", tmp_path / "preds"
-    _write_preds(labels, {"a": np.ones((8, 8)), "b": np.ones((8, 8))})
-    _write_preds(preds, {"a": np.ones((8, 8))})
-    result = CliRunner().invoke(app, ["score", str(preds), str(labels)])
-    assert result.exit_code != 0
-    assert "b.tif" in str(result.exception)
+def _bad_score_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """Each case: (score's arguments, what its one error line says), on 2 chips a and b of 16x16."""
+    import rasterio
+
+    cases = {}
+
+    def case(name: str, preds: dict, message: str, labels: dict | None = None, extra: tuple = ()) -> Path:
+        root = tmp / name
+        lab = {"a": np.zeros((16, 16), np.uint8), "b": np.ones((16, 16), np.uint8)}
+        for stem, arr in (labels or lab).items():
+            write_tif(root / "labels" / f"{stem}.tif", arr, crs=None)
+        (root / "preds").mkdir(parents=True)
+        for stem, arr in preds.items():
+            write_tif(root / "preds" / f"{stem}.tif", arr, crs=None)
+        cases[name] = ([str(root / "preds"), str(root / "labels"), *extra], message.format(root=root))
+        return root
+
+    ok = {"a": np.zeros((16, 16), np.uint8), "b": np.ones((16, 16), np.uint8)}
+    root = case("truncated", ok, "{root}/preds/a.tif: unreadable or truncated TIF")
+    (root / "preds" / "a.tif").write_bytes((root / "preds" / "a.tif").read_bytes()[:200])
+    case("shape", {**ok, "b": np.ones((8, 16), np.uint8)},
+         "{root}/preds/b.tif: shape (8, 16) differs from its label's (16, 16)")
+    nan = np.zeros((16, 16), np.float32)
+    nan[0, 0] = np.nan
+    case("nan", {**ok, "a": nan}, "{root}/preds/a.tif: prediction values [nan] are not 0/1")
+    root = case("three_bands", ok, "{root}/preds/b.tif: expected 1 band, found 3")
+    with rasterio.open(root / "preds" / "b.tif", "w", driver="GTiff", width=16, height=16, count=3,
+                       dtype="uint8") as dst:
+        dst.write(np.ones((3, 16, 16), np.uint8))
+    case("missing", {"a": ok["a"]}, "{root}/preds/b.tif: prediction missing")
+    case("empty_folder", {}, "{root}/preds/a.tif: prediction missing (and 1 more of 2)")
+    root = case("not_a_csv", ok, "{root}/preds/a.tif: not a readable metadata CSV", extra=("--by-location",))
+    cases["not_a_csv"][0].append(str(root / "preds" / "a.tif"))
+    root = case("csv_without_location", ok, "{root}/meta.csv: no location column", extra=("--by-location",))
+    (root / "meta.csv").write_text("chip_id,site\na,X\nb,Y\n")
+    cases["csv_without_location"][0].append(str(root / "meta.csv"))
+    nodata = np.ones((16, 16), np.uint8)
+    nodata[:4] = 255
+    root = case("label_nodata", ok, "{root}/labels/b.tif: label values [255] are not 0/1 (255 is the file's nodata",
+                labels={"a": np.zeros((16, 16), np.uint8), "b": nodata})
+    with rasterio.open(root / "labels" / "b.tif", "r+") as dst:
+        dst.nodata = 255
+    case("label_values", ok, "{root}/labels/a.tif: label values [2] are not 0/1",
+         labels={"a": np.full((16, 16), 2, np.uint8), "b": np.ones((16, 16), np.uint8)})
+    return cases
+
+
+def test_score_bad_input_one_line_naming_the_file_exit_2(tmp_path):
+    for name, (args, message) in _bad_score_inputs(tmp_path).items():
+        result = CliRunner().invoke(app, ["score", *args])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2, (name, result.output)
+        assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), (name, result.output)
 
 
 def test_all_ones_on_real_sample_matches_official_scorer(real_data, tmp_path):
