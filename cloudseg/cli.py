@@ -267,6 +267,7 @@ def predict(
     ref_path = Path(model)
     with tempfile.TemporaryDirectory(prefix="cloudseg-predict-") as tmp:
         try:
+            pr.check_out(input_path, out)  # before the model loads
             dev = pr.pick_device(device)
             if ref_path.exists():
                 ref = ref_path

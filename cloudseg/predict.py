@@ -494,6 +494,22 @@ class _StripWriter:
         self.pool.shutdown()
 
 
+def check_out(input_path: Path | str, out: Path | str, files: Sequence[Path] = ()) -> None:
+    """Refuse an ``--out`` that is a folder or would overwrite the input (its file, or one of its band ``files``).
+
+    Raises:
+        PredictError: naming the path and what to give instead.
+    """
+    input_path, out = Path(input_path), Path(out)
+    inputs = {input_path.resolve(), *(Path(f).resolve() for f in files)}
+    if out.resolve() in inputs:
+        raise PredictError(f"--out {out} is the input {input_path if out.resolve() == input_path.resolve() else out}"
+                           ": predict would overwrite what it reads; give a new file, e.g. --out cloud_mask.tif")
+    if out.is_dir():
+        raise PredictError(f"--out {out} is an existing folder: give the GeoTIFF file to write, e.g. "
+                           f"--out {out / 'cloud_mask.tif'}")
+
+
 def predict_scene(
     input_path: Path | str,
     ensemble: Ensemble,
@@ -523,7 +539,9 @@ def predict_scene(
     batch_size = max(1, int(batch_size or ensemble.batch_size))
     device = device or next(ensemble.members[0].model.parameters()).device
     out = Path(out)
+    check_out(input_path, out)
     scene = Scene(input_path, ensemble.bands)
+    check_out(input_path, out, scene.files)
     g = scene.grid
     windows = [(r, c) for r in window_starts(g.height, TILE, overlap) for c in window_starts(g.width, TILE, overlap)]
     weight = taper(TILE, overlap)

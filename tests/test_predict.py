@@ -314,3 +314,28 @@ def test_cli_unreadable_model_ref_exit_2(tmp_path, mosaic):
                          (tmp_path / "empty", "no model checkpoint in assets/")):
         res = run_cli(chips["A"], "--model", ref, "--out", tmp_path / "x.tif")
         assert res.exit_code == 2 and message in res.output, (ref, res.output)
+
+
+def test_cli_refuses_an_out_that_is_its_input_or_a_folder(tmp_path, mosaic, submission_zip, ensemble):
+    """Refused before the model loads (or, for a band file, before anything is written); the input is intact."""
+    _, chips = mosaic
+    folder = shutil.copytree(chips["A"], tmp_path / "scene")
+    with rasterio.open(folder / "B02.tif") as src:
+        profile = src.profile | {"count": 4}
+    stack = tmp_path / "stack.tif"
+    with rasterio.open(stack, "w", **profile) as dst:
+        for i, band in enumerate(BANDS, 1):
+            with rasterio.open(folder / f"{band}.tif") as src:
+                dst.write(src.read(1), i)
+    before = {p: p.read_bytes() for p in [stack, *folder.iterdir()]}
+    (tmp_path / "outdir").mkdir()
+    for inp, out, message in ((stack, stack, f"--out {stack} is the input {stack}: predict would overwrite"),
+                              (folder, folder, f"--out {folder} is the input {folder}: predict would overwrite"),
+                              (folder, folder / "B08.tif", f"--out {folder / 'B08.tif'} is the input "
+                                                          f"{folder / 'B08.tif'}: predict would overwrite"),
+                              (stack, tmp_path / "outdir", f"--out {tmp_path / 'outdir'} is an existing folder")):
+        res = run_cli(inp, "--model", submission_zip, "--out", out)
+        errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+        assert res.exit_code == 2 and len(errors) == 1 and message in errors[0], (out, res.output)
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in (tmp_path / "outdir").iterdir()) == []
