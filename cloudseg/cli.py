@@ -7,6 +7,9 @@ from typing import Optional
 
 import typer
 
+from cloudseg.submission.zipcheck import GIB, ZipLimits
+
+LIMITS = ZipLimits()  # verify-submission's defaults
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Cloud segmentation of Sentinel-2 chips.")
 
 
@@ -91,6 +94,16 @@ def verify_submission_cmd(
     allow_network_check_skip: bool = typer.Option(
         False, "--allow-network-check-skip",
         help="Where no network namespace can be made (unshare -n), run with the weaker audit-hook check only."),
+    max_unpacked_gb: float = typer.Option(
+        LIMITS.max_unpacked_bytes / GIB, "--max-unpacked-gb", help="Refuse a zip that unpacks to more GiB (read "
+        "from its directory, before unpacking). A real submission is far below: make real-best's six fp32 "
+        "efficientnet-b4 checkpoints are about 0.45 GB."),
+    max_files: int = typer.Option(LIMITS.max_files, "--max-files", help="Refuse a zip with more files (a "
+                                  "promoted zip has 4 plus one per ensemble member)."),
+    max_ratio: float = typer.Option(
+        LIMITS.max_ratio, "--max-ratio", help="Refuse a zip whose members of 1 MiB or more (or whole) unpack to "
+        "more than this many times their packed size: fp32 weights compress ~1.1x, sources ~4x, a zip bomb of "
+        "zeros ~1,000x."),
 ) -> None:
     """Run a submission like the competition runtime (read-only data, no network, time limit) and check it."""
     from cloudseg.submission.verify import runtime_python, verify_submission
@@ -98,13 +111,22 @@ def verify_submission_cmd(
     if runtime and python is not None:
         typer.echo("give either --runtime or --python, not both", err=True)
         raise typer.Exit(2)
+    if max_unpacked_gb <= 0 or max_files <= 0 or max_ratio <= 0:
+        typer.echo("--max-unpacked-gb, --max-files and --max-ratio must be positive", err=True)
+        raise typer.Exit(2)
+    limits = ZipLimits(int(max_unpacked_gb * GIB), max_files, max_ratio)
     try:
         interpreter = runtime_python() if runtime else python
         result = verify_submission(zip_path, features, labels=labels, python=interpreter, timeout=timeout,
-                                   echo=typer.echo, allow_network_check_skip=allow_network_check_skip)
+                                   echo=typer.echo, allow_network_check_skip=allow_network_check_skip,
+                                   limits=limits)
     except FileNotFoundError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (verify.Interrupted)
+        typer.echo(f"verify interrupted ({exc or 'Ctrl-C'}): main.py's sandbox was ended and verify's folders "
+                   "removed", err=True)
+        raise typer.Exit(130)
     raise typer.Exit(0 if result.ok else 1)
 
 

@@ -4,10 +4,10 @@ A submission whose models read supplementary bands fetches them from a STAC API,
 runtime allows. To run it under verify with that endpoint reachable and nothing else, main.py's namespace keeps its
 isolation and gets one door:
 
-* inside the namespace, ``RELAY`` (run as root by the sandbox's entry script, before it becomes the unprivileged
-  user) brings the loopback interface up, listens on ``127.0.0.1:<port>`` and carries each connection, byte for
-  byte, to a Unix socket in verify's work folder (Unix sockets live in the file system, not in a network
-  namespace); it exits when main.py does;
+* inside the namespace, ``RELAY`` (run by the sandbox's launcher, as root where verify is, before main.py starts
+  as the unprivileged user) brings the loopback interface up where it is down, listens on ``127.0.0.1:<port>``
+  and carries each connection, byte for byte, to a Unix socket in verify's work folder (Unix sockets live in the
+  file system, not in a network namespace); it exits when main.py does;
 * outside, ``AllowProxy`` serves that socket as an HTTP proxy: ``CONNECT host:port`` (HTTPS) and absolute-URI
   requests (HTTP) pass only when ``host`` matches an allowed pattern (the STAC API's host and the asset hosts its
   submission declares); anything else gets 403 and is recorded, and verify reports it as a network use;
@@ -46,22 +46,25 @@ def _pipe(a: socket.socket, b: socket.socket) -> None:
             pass
 
 
-# Run inside the namespace as root: python RELAY PORT SOCKET PID. Binds before it forks, so the entry script
-# continues only once the port listens; the child relays until process PID (main.py) is gone. It carries bytes
-# with the proxy's own _pipe (its source is put into the script: the relay runs with the sandbox's interpreter,
-# which cannot import cloudseg).
+# Run inside the namespace by the sandbox's launcher: python RELAY PORT SOCKET PID. Binds before it forks and
+# prints the child's pid, so the launcher continues only once the port listens; the child relays until process
+# PID (the launcher) is gone. It carries bytes with the proxy's own _pipe (its source is put into the script: the
+# relay runs with the sandbox's interpreter, which cannot import cloudseg).
 _RELAY = r'''
 import fcntl, os, socket, struct, sys, threading, time
 port, target, watch = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 flags = struct.unpack("16sH", fcntl.ioctl(s.fileno(), 0x8913, struct.pack("16sH", b"lo", 0)))[1]  # SIOCGIFFLAGS
-fcntl.ioctl(s.fileno(), 0x8914, struct.pack("16sH", b"lo", flags | 0x1))  # SIOCSIFFLAGS: IFF_UP
+if not flags & 0x1:  # bubblewrap brings loopback up itself; unshare -n leaves it down
+    fcntl.ioctl(s.fileno(), 0x8914, struct.pack("16sH", b"lo", flags | 0x1))  # SIOCSIFFLAGS: IFF_UP
 s.close()
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("127.0.0.1", port))
 srv.listen(64)
-if os.fork():
+child = os.fork()
+if child:
+    print(child, flush=True)  # the launcher leaves the relay out of the processes main.py left behind
     os._exit(0)
 devnull = os.open(os.devnull, os.O_RDWR)
 for fd in (0, 1, 2):
@@ -84,7 +87,6 @@ def accept():
         threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 threading.Thread(target=accept, daemon=True).start()
-time.sleep(1.0)  # the entry script execs into main.py meanwhile
 while True:
     try:
         os.kill(watch, 0)

@@ -1,61 +1,86 @@
 """Run a submission zip the way the competition runtime does, then apply the runtime's own checks.
 
-``verify_submission`` unzips into a fresh ``<tmp>/codeexecution`` tree, copies the test features to
-``codeexecution/data/test_features`` (read-only; hashed before and after because root can write anyway), runs
-``python main.py`` there with ``CLOUDSEG_ROOT`` set, the network blocked and a time limit, streams its output,
-and then checks the predictions (none missing, none extra, PIL opens each as 512x512, values {0, 1}, at most
-524,288 bytes), scores them when labels are given, and reports main.py's throughput and the time 10,980 chips
-would take here.
+``verify_submission`` first checks the zip from its own directory, unpacking nothing: paths that would leave its
+folder, the folders the runtime mounts itself (``data/``, ``predictions/``), limits on the unpacked size, the
+number of files and the compression ratio (``ZipLimits``), caches and secrets, and its Python sources (3.9
+grammar, runtime imports; read in bounded chunks). It then unpacks into a fresh ``codeexecution`` tree, copies
+the test features to ``codeexecution/data/test_features`` (read-only; hashed before and after), runs
+``python main.py`` there in a sandbox (``cloudseg/submission/sandbox.py``) with a time limit, streams its output,
+and then checks the predictions (none missing, none extra, regular files only, PIL opens each as 512x512, values
+{0, 1}, at most 524,288 bytes), in the sandbox too and on what is left of the same clock, scores them when labels
+are given (labels main.py never saw), and reports main.py's throughput and the time 10,980 chips would take here.
 
-main.py runs in a sandbox close to the runtime's:
+The sandbox (bubblewrap where it is installed) shows main.py its folder, ``data/`` (read-only), ``predictions/``
+(empty at the start), a private ``/tmp`` and ``/dev/shm``, the system's read-only files and its interpreter, and
+nothing else of the machine; it has its own PID namespace (no process outlives it: the ones main.py left are
+named, and a failure) and network namespace, runs as an unprivileged user (``nobody`` when verify runs as root)
+with an environment built from an allow-list (``ENV_ALLOW``: PATH, locale, thread counts, device choice), so
+tracking URIs and credentials of the caller never reach it. Any file created, changed or removed in verify's
+folder outside ``predictions/`` and the scratch folders is a failure naming the file. A submission whose
+``inference.json`` declares a STAC API (models with supplementary bands) gets one door out: a relay inside the
+namespace to an allow-listing proxy outside that passes only that API's host and its declared asset hosts
+(``cloudseg/submission/netproxy.py``). Always, an audit hook (``sitecustomize.py`` on ``PYTHONPATH``) refuses and
+reports every internet socket connect or name lookup made by main.py's own interpreter.
 
-* as an unprivileged user (``nobody`` when verify runs as root; otherwise the current user, who is not root);
-* with an environment built from an allow-list (``ENV_ALLOW``: PATH, locale, thread counts, device choice),
-  HOME and TMPDIR in a scratch folder, so tracking URIs and credentials of the caller never reach it;
-* with the data read-only, only ``predictions/`` and the scratch home writable; any file created, changed or
-  removed elsewhere in the unpacked submission or the scratch area is a failure naming the file;
-* without network: a fresh network namespace (``unshare -n``); a submission whose ``inference.json`` declares a
-  STAC API (models with supplementary bands) gets, as root, one door out: a relay inside the namespace to an
-  allow-listing proxy outside that passes only that API's host and its declared asset hosts
-  (``cloudseg/submission/netproxy.py``). As root, a mount namespace also hides folders
-  the unprivileged user cannot enter (e.g. ``/root``) behind an empty tmpfs, binding back only the
-  interpreter's own folders. Always, an audit hook (``sitecustomize.py`` on ``PYTHONPATH``) refuses and
-  reports every internet socket connect or name lookup made by main.py's own interpreter.
+Where a protection cannot be had here (bubblewrap missing, no namespaces, not root), verify says which one is
+missing and what it still checks. Where not even a network namespace can be made, verify fails unless
+``allow_network_check_skip`` is given: the audit hook alone does not see a child started with ``python -I`` (it
+ignores ``PYTHONPATH``), which can then reach any server the machine reaches.
 
-Where the network namespace cannot be made, verify fails unless ``allow_network_check_skip`` is given: the
-audit hook alone does not see a child started with ``python -I`` (it ignores ``PYTHONPATH``), which can then
-reach any server the machine reaches; the last lines then say the check was weaker.
+On any exit (main.py's time limit, Ctrl-C, SIGTERM, even SIGKILL of verify itself) main.py's sandbox ends and
+verify's folders are removed: a janitor process outside verify's process group carries that out if verify dies
+first.
 """
 
 from __future__ import annotations
 
-import ast
 import hashlib
+import json
 import os
 import pwd
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable
 
 from cloudseg.paths import RUNTIME_PYTHON
+from cloudseg.submission.sandbox import (
+    LEFTOVER_MARK,
+    Janitor,
+    Layout,
+    Sandbox,
+    end_leftovers,
+    inside_python,
+    make_sandbox,
+    namespace_of,
+)
+from cloudseg.submission.zipcheck import (  # noqa: F401  (check_sources, RUNTIME_IMPORTS: promote's and tests')
+    RUNTIME_IMPORTS,
+    ZipLimits,
+    check_sources,
+    check_zip,
+    extract,
+    free_bytes,
+    unpacked_size,
+)
 
 MAX_BYTES = 524_288  # the runtime's limit per prediction file
 CHIP_SIZE = 512
 TEST_CHIPS = 10_980  # size of the competition's test set, for the time projection
 DEFAULT_TIMEOUT_S = 14_400  # the runtime's 4 hours
+CHECK_MIN_S = 30.0  # the prediction check gets what is left of main.py's clock, and at least this
 NETWORK_MARK = "cloudseg-network-guard: blocked"
+CHECK_MARK = "cloudseg-verify-check:"
 MAX_LISTED = 20  # per kind of failure; the rest is counted
-UNSHARE = "unshare"  # the network-namespace tool; tests point it at a missing name for the no-namespace path
-UNPRIVILEGED_USER = "nobody"  # whom main.py runs as when verify runs as root
+MAX_LINE = 10_000  # characters of one line of main.py's output kept (a line without end is cut)
 # The caller's variables main.py may see (the runtime hands it a clean environment); everything else is
 # withheld, e.g. MLFLOW_TRACKING_URI or a DB=... URL with a password.
 ENV_ALLOW = frozenset({
@@ -64,19 +89,6 @@ ENV_ALLOW = frozenset({
     "CUDA_DEVICE_ORDER", "CLOUDSEG_DEVICE", "CLOUDSEG_TORCH_THREADS", "CLOUDSEG_IO_NICE",
 })
 ENV_ALLOW_PREFIXES = ("LC_",)
-
-# Top-level modules a submission may import: the runtime's packages (COMPETITION.md), the packages they pull
-# in that code commonly imports, and the standard library.
-RUNTIME_IMPORTS = frozenset({
-    "numpy", "torch", "torchvision", "segmentation_models_pytorch", "timm", "pandas", "rasterio", "tifffile",
-    "PIL", "sklearn", "skimage", "scipy", "albumentations", "ttach", "loguru", "typer", "tqdm",
-    "pystac_client", "planetary_computer", "xarray", "stackstac", "pytorch_lightning", "efficientnet_pytorch",
-    "pretrainedmodels", "cv2", "yaml", "affine", "click", "requests", "pystac",  # the last two: pystac-client's
-})
-
-_FORBIDDEN_PARTS = {"__pycache__", ".ipynb_checkpoints", ".git", ".env", ".netrc", ".pypirc", ".aws", ".ssh",
-                    "id_rsa", "id_ed25519", "credentials", "credentials.json", ".mlflow", "mlruns"}
-_FORBIDDEN_SUFFIXES = {".pyc", ".pyo", ".ipynb", ".pem", ".key", ".p12", ".pfx", ".db"}
 
 _GUARD = '''"""Installed by cloudseg verify-submission: refuse and report internet connections from Python."""
 import os
@@ -131,14 +143,20 @@ class VerifyResult:
     projected_s: float | None = None  # for TEST_CHIPS chips on this machine
     jaccard: float | None = None
     network: str = ""
+    sandbox: str = ""
     python: str = ""
     log: list[str] = field(default_factory=list)
+    reduced: list[str] = field(default_factory=list)  # protections missing here (also printed as WARNING lines)
 
     @property
     def last_line(self) -> str:
         if not self.ok:
             return f"verify failed: {len(self.failures)} problem(s)"
         return f"jaccard={self.jaccard:.10f}" if self.jaccard is not None else "checks passed"
+
+
+class Interrupted(KeyboardInterrupt):
+    """verify received SIGTERM: like Ctrl-C, it ends main.py's sandbox and removes its folders on the way out."""
 
 
 def runtime_python() -> Path:
@@ -169,94 +187,29 @@ def _listed(prefix: str, items: list[str]) -> list[str]:
     return lines
 
 
-# ------------------------------------------------------------------------------------------------- zip checks
-
-def check_sources(sources: dict[str, str]) -> list[str]:
-    """Python files of a submission must parse as Python 3.9 and import only runtime packages or each other.
-
-    Args:
-        sources: relative path -> file text for every ``.py`` file of the submission.
-    """
-    local = {PurePosixPath(p).parts[0].removesuffix(".py") for p in sources}
-    local |= {PurePosixPath(p).stem for p in sources}
-    allowed = RUNTIME_IMPORTS | set(sys.stdlib_module_names) | local | {"__future__"}
-    problems = []
-    for name, text in sorted(sources.items()):
-        try:
-            tree = ast.parse(text, filename=name, feature_version=(3, 9))
-        except SyntaxError as exc:
-            problems.append(f"{name}: does not parse as Python 3.9 (line {exc.lineno}: {exc.msg})")
-            continue
-        for node in ast.walk(tree):
-            mods = []
-            if isinstance(node, ast.Import):
-                mods = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                mods = [node.module]
-            for mod in mods:
-                top = mod.split(".")[0]
-                if top not in allowed:
-                    problems.append(
-                        f"{name}: line {node.lineno} imports {mod!r}, which the runtime does not have")
-    return problems
-
-
-def check_zip(zip_path: Path | str) -> tuple[list[str], bool]:
-    """Layout checks on the archive itself.
-
-    Returns:
-        (problems, safe_to_extract): safe is False when a member would land outside the extraction folder.
-    """
-    zip_path = Path(zip_path)
-    problems: list[str] = []
-    try:
-        zf = zipfile.ZipFile(zip_path)
-    except (OSError, zipfile.BadZipFile) as exc:
-        return [f"{zip_path}: not a readable zip ({exc})"], False
-    safe = True
-    sources: dict[str, str] = {}
-    with zf:
-        names = zf.namelist()
-        if "main.py" not in names:
-            nested = [n for n in names if n.endswith("/main.py")]
-            where = f" (found {nested[0]}: it must be at the root, not in a folder)" if nested else ""
-            problems.append(f"{zip_path}: main.py is not at the zip root{where}")
-        for info in zf.infolist():
-            name = info.filename
-            parts = [p for p in re.split(r"[/\\]", name) if p]
-            if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-                problems.append(f"{name}: absolute path in the zip")
-                safe = False
-            if ".." in parts:
-                problems.append(f"{name}: '..' in a zip path")
-                safe = False
-            if stat.S_ISLNK(info.external_attr >> 16):
-                problems.append(f"{name}: symbolic link in the zip")
-                safe = False
-            bad = [p for p in parts if p in _FORBIDDEN_PARTS or p.startswith(".env")
-                   or "secret" in p.lower() or PurePosixPath(p).suffix.lower() in _FORBIDDEN_SUFFIXES]
-            if bad:
-                problems.append(f"{name}: caches, notebooks, stores or secrets do not belong in a submission")
-            if name.endswith(".py") and not info.is_dir():
-                sources[name] = zf.read(info).decode("utf-8", errors="replace")
-    return problems + check_sources(sources), safe
-
-
 # -------------------------------------------------------------------------------------------------- data tree
 
 def hash_tree(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` (symlinks followed), keyed by relative path; folders map to ''."""
+    """sha256 of every regular file under ``root``, keyed by relative path; folders map to '', anything else
+    (a link, a FIFO) to its kind. Nothing is followed and nothing but regular files is opened."""
     out: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         rel_dir = os.path.relpath(dirpath, root)
         out[rel_dir + "/"] = ""
         for f in sorted(filenames):
+            path = os.path.join(dirpath, f)
+            key = os.path.normpath(os.path.join(rel_dir, f))
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISREG(mode):
+                out[key] = f"not a regular file (mode {stat.filemode(mode)})"
+                continue
             h = hashlib.sha256()
-            with open(os.path.join(dirpath, f), "rb") as fh:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
-            out[os.path.normpath(os.path.join(rel_dir, f))] = h.hexdigest()
+            out[key] = h.hexdigest()
     return out
 
 
@@ -277,134 +230,15 @@ def chip_ids(features: Path) -> list[str]:
 
 # -------------------------------------------------------------------------------------------- running main.py
 
-@dataclass
-class Sandbox:
-    """How main.py is started: a command prefix (namespaces, user switch) and what that amounts to."""
-
-    prefix: list[str]
-    user: str
-    network: str
-    isolated: bool  # True when main.py has its own network namespace
-    uid: int | None = None  # the user main.py runs as, when verify switches users
-    gid: int | None = None
-    popen: dict = field(default_factory=dict)  # extra subprocess.Popen keywords
-    weaker: list[str] = field(default_factory=list)  # checks this sandbox does not make
-
-
-def _network_namespace() -> tuple[list[str] | None, str]:
-    """(``unshare -n`` command, '') when a network namespace can be made here, else (None, why not).
-
-    A user that is not root needs a user namespace for it too: ``-c`` maps the user to itself (so main.py
-    keeps no capabilities once it execs), else ``-r`` (older util-linux; mapped to root in there, with no more
-    rights outside than before).
-    """
-    unshare = shutil.which(UNSHARE)
-    if not unshare:
-        return None, f"{UNSHARE} not installed"
-    tries = [[unshare, "-n"]] if os.geteuid() == 0 else [[unshare, "-c", "-n"], [unshare, "-r", "-n"]]
-    why = ""
-    for cmd in tries:
-        try:
-            r = subprocess.run(cmd + ["true"], capture_output=True, timeout=20)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            why = str(exc)
-            continue
-        if r.returncode == 0:
-            return cmd, ""
-        why = (r.stderr.decode(errors="replace").strip() or f"exit {r.returncode}").splitlines()[0]
-    return None, why
-
-
-def _closed_ancestor(path: Path) -> Path | None:
-    """The topmost folder at or above ``path`` that other users may not enter (no o+x), or None."""
-    for p in [*reversed(path.parents), path][1:]:
-        if p.is_dir() and not p.stat().st_mode & stat.S_IXOTH:
-            return p
-    return None
-
-
-def _interpreter_dirs(python: str) -> list[Path]:
-    """Folders ``python`` needs: its base installation, its prefix (a venv), its real executable's folder."""
-    code = ("import os, sys; print(sys.base_prefix); print(sys.prefix); "
-            "print(os.path.realpath(sys.executable))")
-    r = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, timeout=120)
-    if r.returncode:
-        raise FileNotFoundError(f"{python} does not run: {(r.stderr.strip() or r.stdout.strip())[:300]}")
-    base, prefix, exe = r.stdout.strip().splitlines()[-3:]
-    return [Path(base), Path(prefix), Path(exe).parent, Path(python).parent]
-
-
-def _root_sandbox(unshare: str, python: str, work: Path, hold: Path, uid: int, gid: int) -> list[str]:
-    """Command prefix that, as root, enters new mount + network namespaces and becomes ``uid``.
-
-    Folders the user could not enter (e.g. ``/root`` holding a pyenv interpreter, or pytest's 0700 temporary
-    root) are covered by an empty tmpfs, and only the interpreter's folders and ``work`` are bound back, so
-    the interpreter runs and nothing else of those folders is visible.
-    """
-    keeps: dict[Path, list[Path]] = {}
-    for path in [p.resolve() for p in (*_interpreter_dirs(python), work)]:
-        closed = _closed_ancestor(path)
-        if closed is not None and not any(k == path or k in path.parents for k in keeps.get(closed, [])):
-            keeps.setdefault(closed, []).append(path)
-    lines = ["set -e"]
-    n = 0
-    for closed, paths in keeps.items():
-        spots = []
-        for path in paths:
-            spot = hold / str(n)
-            n += 1
-            spot.mkdir()
-            lines.append(f"mount --bind {_q(path)} {_q(spot)}")
-            spots.append((path, spot))
-        lines.append(f"mount -t tmpfs -o mode=0755,size=1m cloudseg-verify {_q(closed)}")
-        for path, spot in spots:
-            lines += [f"mkdir -p {_q(path)}", f"mount --bind {_q(spot)} {_q(path)}"]
-    lines.append(f'exec setpriv --reuid={uid} --regid={gid} --clear-groups -- "$@"')
-    script = hold / "enter.sh"
-    script.write_text("\n".join(lines) + "\n")
-    return [unshare, "-m", "-n", "--", "sh", str(script)]
-
-
-def _q(path: Path) -> str:
-    return "'" + str(path).replace("'", "'\\''") + "'"
-
-
-def make_sandbox(python: str, work: Path, hold: Path) -> Sandbox:
-    """Choose how main.py runs here: as whom, and whether the network is cut (see the module docstring)."""
-    unshare, why = _network_namespace()
-    root = os.geteuid() == 0
-    uid = gid = None
-    user = pwd.getpwuid(os.geteuid()).pw_name
-    if root:
-        entry = pwd.getpwnam(UNPRIVILEGED_USER)
-        uid, gid, user = entry.pw_uid, entry.pw_gid, UNPRIVILEGED_USER
-    if unshare:
-        network = "network namespace without interfaces (unshare -n) + audit-hook guard"
-        if root:
-            return Sandbox(_root_sandbox(unshare[0], python, work, hold, uid, gid), user, network, True, uid,
-                           gid)
-        return Sandbox(unshare + ["--"], user, network, True)
-    network = f"NOT isolated (no network namespace: {why}); audit-hook guard and dead proxy variables only"
-    weaker = [f"network not isolated ({UNSHARE} -n: {why}): the audit hook sees only main.py's own "
-              "interpreter, so a child started with python -I could reach the network unseen"]
-    popen = {"user": uid, "group": gid, "extra_groups": []} if root else {}
-    closed = [(p, _closed_ancestor(p.resolve())) for p in (*_interpreter_dirs(python), work)] if root else []
-    closed = [(p, c) for p, c in closed if c is not None]
-    if closed:  # without a mount namespace the unprivileged user could not even start the interpreter
-        weaker.append(f"main.py ran as root, not {UNPRIVILEGED_USER}: {closed[0][0]} is inside "
-                      f"{closed[0][1]}, which {UNPRIVILEGED_USER} cannot enter, and no mount namespace "
-                      "can be made to open it")
-        popen, uid, gid, user = {}, None, None, pwd.getpwuid(os.geteuid()).pw_name
-    return Sandbox([], user, network, False, uid, gid, popen, weaker)
-
-
-def sandbox_env(home: Path, codeexecution: Path, guard_dir: Path, net_log: Path,
-                allow_hosts: list[str] = (), proxy: str | None = None) -> tuple[dict, list[str]]:
+def sandbox_env(home: Path | str, codeexecution: Path | str, guard_dir: Path | str, net_log: Path | str,
+                allow_hosts: list[str] = (), proxy: str | None = None,
+                tmp: Path | str | None = None) -> tuple[dict, list[str]]:
     """main.py's environment from the allow-list, and the names of the caller's variables withheld.
 
-    ``allow_hosts`` (a STAC submission's endpoint: its name and addresses) are the only hosts the audit hook lets
-    main.py's Python reach, directly (``NO_PROXY``) rather than through the dead proxy; with ``proxy`` (the relay
-    to ``netproxy.AllowProxy`` inside the namespace) every request goes through it instead."""
+    Paths are as main.py sees them (inside the sandbox). ``allow_hosts`` (a STAC submission's endpoint: its name
+    and addresses) are the only hosts the audit hook lets main.py's Python reach, directly (``NO_PROXY``) rather
+    than through the dead proxy; with ``proxy`` (the relay to ``netproxy.AllowProxy`` inside the namespace) every
+    request goes through it instead. ``tmp`` defaults to ``<home>/tmp``."""
     env = {k: v for k, v in os.environ.items() if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES)}
     blackhole = proxy or "http://127.0.0.1:9"  # discard port: connections fail at once
     direct = "" if proxy else ",".join(allow_hosts)  # with the relay, every request goes through it
@@ -412,10 +246,10 @@ def sandbox_env(home: Path, codeexecution: Path, guard_dir: Path, net_log: Path,
         allow_hosts = ["127.0.0.1"]  # the relay; the proxy behind it checks the real destinations
     env.setdefault("PATH", os.defpath)
     env.update(
-        HOME=str(home), TMPDIR=str(home / "tmp"), CLOUDSEG_ROOT=str(codeexecution), PYTHONPATH=str(guard_dir),
-        PYTHONUNBUFFERED="1", PYTHONNOUSERSITE="1", PYTHONDONTWRITEBYTECODE="1", HF_HUB_OFFLINE="1",
-        HTTP_PROXY=blackhole, HTTPS_PROXY=blackhole, http_proxy=blackhole, https_proxy=blackhole,
-        ALL_PROXY=blackhole, NO_PROXY=direct, no_proxy=direct,
+        HOME=str(home), TMPDIR=str(tmp if tmp is not None else Path(home) / "tmp"), CLOUDSEG_ROOT=str(codeexecution),
+        PYTHONPATH=str(guard_dir), PYTHONUNBUFFERED="1", PYTHONNOUSERSITE="1", PYTHONDONTWRITEBYTECODE="1",
+        HF_HUB_OFFLINE="1", HTTP_PROXY=blackhole, HTTPS_PROXY=blackhole, http_proxy=blackhole,
+        https_proxy=blackhole, ALL_PROXY=blackhole, NO_PROXY=direct, no_proxy=direct,
         CLOUDSEG_NETWORK_LOG=str(net_log), CLOUDSEG_NETWORK_ALLOW=",".join(allow_hosts),
     )
     return env, sorted(set(os.environ) - set(env))
@@ -465,105 +299,215 @@ def _set_submission_mode(codeexecution: Path, skip: set[Path], writable: bool) -
                 os.chmod(here / f, 0o644 if writable else 0o444)
 
 
-def _run_main(cmd: list[str], cwd: Path, env: dict, timeout: float, echo: Callable[[str], None],
-              popen: dict) -> tuple[int | None, bool, float, list[str]]:
-    """Run ``cmd`` in ``cwd``, streaming its lines.
+@dataclass
+class _Run:
+    returncode: int | None
+    timed_out: bool
+    wall_s: float
+    lines: list[str]
+    left: list[str]  # processes main.py left running, named by the sandbox's launcher as main.py ended
+    survived: list[str]  # processes still alive once the sandbox had ended (killed by verify)
 
-    Returns:
-        (returncode, timed_out, wall_s, lines).
-    """
-    lines: list[str] = []
-    start = time.time()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
-                            start_new_session=True, **popen)
 
-    def pump() -> None:
-        assert proc.stdout is not None  # set by stdout=PIPE; not validation
-        for line in proc.stdout:
-            line = line.rstrip("\n")
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:  # already gone
+        pass
+
+
+def _pump(stream, lines: list[str], echo: Callable[[str], None]) -> None:
+    """Read main.py's output line by line, each cut at MAX_LINE characters (a line may never end)."""
+    cut = False
+    while True:
+        raw = stream.readline(MAX_LINE)
+        if not raw:
+            return
+        ended = raw.endswith(b"\n")
+        if not cut:
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            if not ended:
+                line += " [line cut by verify]"
             lines.append(line)
             echo(f"[main.py] {line}")
+        cut = not ended
 
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    timed_out = False
+
+def _run_main(sandbox: Sandbox, cmd: list[str], cwd: Path, env: dict, timeout: float,
+              echo: Callable[[str], None], janitor: Janitor) -> _Run:
+    """Run ``cmd`` (a sandbox command) in ``cwd``, streaming its lines, and end everything it started."""
+    lines: list[str] = []
+    info_r = info_w = None
+    if sandbox.kind == "bwrap":  # bubblewrap says which PID namespace it made
+        info_r, info_w = os.pipe()
+        cmd = [cmd[0], "--info-fd", str(info_w), *cmd[1:]]
+    start = time.time()
     try:
-        proc.wait(timeout=timeout)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                pass_fds=(info_w,) if info_w is not None else (), **sandbox.popen)
+    finally:
+        if info_w is not None:
+            os.close(info_w)
+    janitor.end_group(proc.pid)
+    reader = threading.Thread(target=_pump, args=(proc.stdout, lines, echo), daemon=True)
+    reader.start()
+    timed_out, namespace = False, None
+    try:
+        try:
+            namespace = namespace_of(proc, sandbox, info_r)
+        finally:
+            if info_r is not None:
+                os.close(info_r)
+        proc.wait(timeout=max(0.0, start + timeout - time.time()))
     except subprocess.TimeoutExpired:
         timed_out = True
-        try:
-            os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+    finally:
+        if proc.poll() is None:  # the time limit, Ctrl-C or SIGTERM: end the sandbox with everything in it
+            _kill_group(proc.pid)
+            proc.wait()
+    wall_s = time.time() - start
     reader.join(timeout=10)
-    return proc.returncode, timed_out, time.time() - start, lines
+    left = [ln.split(LEFTOVER_MARK, 1)[1].strip() for ln in lines if LEFTOVER_MARK in ln]
+    survived = end_leftovers(namespace, proc.pid)
+    return _Run(proc.returncode, timed_out, wall_s, lines, left, survived)
+
+
+def _run_quiet(sandbox: Sandbox, cmd: list[str], cwd: Path, env: dict, timeout: float,
+               stdin: str = "") -> tuple[int | None, str]:
+    """Run a sandbox command to its end or ``timeout`` (then end it all); (returncode or None, output)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
+                            **sandbox.popen)
+    try:
+        out, _ = proc.communicate(stdin, timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        return None, ""
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc.pid)
+            proc.wait()
 
 
 # ------------------------------------------------------------------------------------------ prediction checks
 
-def check_predictions(pred_dir: Path, ids: list[str]) -> list[str]:
-    """The runtime's checks; each failure names the file."""
-    if not pred_dir.is_dir():
-        return [f"{pred_dir}: main.py wrote no predictions folder"]
+# Run in the sandbox, as main.py's user, by main.py's interpreter (so the runtime's pillow under --runtime):
+# python -I -c CHECK PRED_DIR MAX_BYTES SIZE, chip ids as JSON on stdin; one line CHECK_MARK + JSON out. Opens
+# only regular files with one name, never following a link, never blocking on a FIFO, reading at most
+# MAX_BYTES + 1 bytes, and decodes only images that state the expected size.
+_PRED_CHECK = r"""
+import io, json, os, stat, sys
+pred_dir, max_bytes, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ids = json.loads(sys.stdin.read())
+out = {"dir": "", "missing": [], "extra": [], "special": [], "large": [], "unreadable": [], "shape": [],
+       "values": [], "regular": 0}
+KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+         (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+def kind_of(st, name):
+    for test, kind in KINDS:
+        if test(st.st_mode):
+            return kind + (" to " + os.readlink(name, dir_fd=dfd) if kind == "a symbolic link" else "")
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_nlink != 1:
+        return "a hard link (one of %d names of one file)" % st.st_nlink
+    return ""
+
+try:
+    dfd = os.open(pred_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+except OSError as exc:
+    out["dir"] = str(exc)
+else:
     import numpy as np
     from PIL import Image
-
-    expected = {f"{c}.tif" for c in ids}
-    present = set(os.listdir(pred_dir))
-    failures = _listed("missing prediction: ", [str(pred_dir / n) for n in sorted(expected - present)])
-    failures += _listed("extra file: ", [str(pred_dir / n) for n in sorted(present - expected)])
-    size, shape, values, unreadable = [], [], [], []
+    present = set(os.listdir(dfd))
+    expected = set(c + ".tif" for c in ids)
+    out["missing"], out["extra"] = sorted(expected - present), sorted(present - expected)
     for name in sorted(expected & present):
-        path = pred_dir / name
-        n_bytes = path.stat().st_size
-        if n_bytes > MAX_BYTES:
-            size.append(f"{path}: {n_bytes:,} bytes > {MAX_BYTES:,}")
-        try:
-            with Image.open(path) as img:
-                arr = np.array(img)
-        except Exception as exc:  # PIL raises several types for bad files
-            unreadable.append(f"{path}: PIL cannot open it ({exc})")
+        kind = kind_of(os.stat(name, dir_fd=dfd, follow_symlinks=False), name)
+        if kind:
+            out["special"].append([name, kind])
             continue
-        if arr.shape != (CHIP_SIZE, CHIP_SIZE):
-            shape.append(f"{path}: shape {arr.shape}, expected ({CHIP_SIZE}, {CHIP_SIZE})")
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=dfd)
+        except OSError as exc:
+            out["unreadable"].append([name, "cannot be opened (%s)" % exc])
+            continue
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fd)
+            kind = kind_of(st, name)
+            if kind:  # swapped since the look above
+                out["special"].append([name, kind])
+                continue
+            out["regular"] += 1
+            if st.st_size > max_bytes:
+                out["large"].append([name, st.st_size])
+                continue
+            data = fh.read(max_bytes + 1)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                if img.size != (size, size):
+                    bands = len(img.getbands())
+                    out["shape"].append([name, [img.size[1], img.size[0]] + ([bands] if bands > 1 else [])])
+                    continue
+                arr = np.array(img)
+        except Exception as exc:
+            out["unreadable"].append([name, "PIL cannot open it (%s)" % exc])
+            continue
+        if arr.shape != (size, size):
+            out["shape"].append([name, list(arr.shape)])
+            continue
         bad = np.setdiff1d(np.unique(arr), [0, 1])
         if bad.size:
-            values.append(f"{path}: values {bad[:5].tolist()} not in {{0, 1}}")
-    for prefix, items in (("unreadable: ", unreadable), ("wrong shape: ", shape), ("bad values: ", values),
-                          ("too large: ", size)):
-        failures += _listed(prefix, items)
-    return failures
-
-
-_PIL_CHECK = """
-import sys, numpy as np
-from PIL import Image
-bad = 0
-for p in sys.argv[1:]:
-    try:
-        with Image.open(p) as img:
-            a = np.array(img)
-        if a.shape != (512, 512):
-            raise ValueError("shape %s" % (a.shape,))
-    except Exception as exc:
-        bad += 1
-        print("%s: %s" % (p, exc))
-sys.exit(1 if bad else 0)
+            out["values"].append([name, bad[:5].tolist()])
+print("%s %s" % (sys.argv[4], json.dumps(out)), flush=True)
 """
 
 
-def _check_with_interpreter(python: str, pred_dir: Path, ids: list[str]) -> list[str]:
-    """Open every prediction with the PIL of ``python`` (the runtime's pillow 8.2 under --runtime)."""
-    paths = [str(pred_dir / f"{c}.tif") for c in ids if (pred_dir / f"{c}.tif").is_file()]
-    failures = []
-    for i in range(0, len(paths), 500):  # stay far below the argument-length limit
-        r = subprocess.run([python, "-c", _PIL_CHECK, *paths[i:i + 500]], capture_output=True, text=True,
-                           env={**os.environ, "PYTHONPATH": ""})
-        if r.returncode:
-            failures += [f"PIL of {python}: {ln}" for ln in (r.stdout + r.stderr).strip().splitlines()]
-    return failures[:MAX_LISTED]
+def check_predictions(sandbox: Sandbox, python: str, ids: list[str], env: dict,
+                      timeout: float) -> tuple[list[str], int]:
+    """The runtime's checks on main.py's predictions, run in the sandbox; (failures naming each file, number of
+    regular prediction files)."""
+    pred_dir = sandbox.layout.predictions
+    cmd = sandbox.command([inside_python(python), "-I", "-c", _PRED_CHECK, sandbox.path(pred_dir), str(MAX_BYTES),
+                           str(CHIP_SIZE), CHECK_MARK], writable=False)
+    rc, out = _run_quiet(sandbox, cmd, sandbox.layout.codeexecution, env, timeout, json.dumps(ids))
+    if rc is None:
+        return [f"the check of {pred_dir} did not finish within {timeout:.0f} s (what was left of the time "
+                "limit): its files were not checked"], 0
+    found = [ln.split(CHECK_MARK, 1)[1] for ln in out.splitlines() if CHECK_MARK in ln]
+    if rc or not found:
+        why = (out.strip().splitlines() or [f"exit {rc}"])[-1][:300]
+        return [f"the check of {pred_dir} failed to run with {python}: {why}"], 0
+    res = json.loads(found[-1])
+    if res["dir"]:
+        return [f"{pred_dir}: main.py left no predictions folder ({res['dir']})"], 0
+
+    def path(name: str) -> Path:
+        return pred_dir / name
+
+    failures = _listed("missing prediction: ", [str(path(n)) for n in res["missing"]])
+    failures += _listed("extra file: ", [str(path(n)) for n in res["extra"]])
+    failures += _listed("not a regular file: ", [f"{path(n)}: {k} (verify opens regular files only, as the "
+                                                 "runtime's checks expect)" for n, k in res["special"]])
+    failures += _listed("unreadable: ", [f"{path(n)}: {why}" for n, why in res["unreadable"]])
+    failures += _listed("wrong shape: ", [f"{path(n)}: shape {tuple(s)}, expected ({CHIP_SIZE}, {CHIP_SIZE})"
+                                          for n, s in res["shape"]])
+    failures += _listed("bad values: ", [f"{path(n)}: values {v} not in {{0, 1}}" for n, v in res["values"]])
+    failures += _listed("too large: ", [f"{path(n)}: {b:,} bytes > {MAX_BYTES:,}" for n, b in res["large"]])
+    return failures, int(res["regular"])
+
+
+def _lock(folder: Path, sandbox: Sandbox) -> None:
+    """Give main.py's folder back to root before verify reads it as root (nothing can swap a file in then)."""
+    if sandbox.uid is None or not folder.is_dir():
+        return
+    os.chown(folder, 0, 0, follow_symlinks=False)
+    os.chmod(folder, 0o755)
+    for entry in os.scandir(folder):
+        os.chown(entry.path, 0, 0, follow_symlinks=False)
 
 
 def _throughput(lines: list[str], n_pred: int, wall_s: float) -> tuple[float | None, str, float | None]:
@@ -581,6 +525,18 @@ def _throughput(lines: list[str], n_pred: int, wall_s: float) -> tuple[float | N
     return None, "", None
 
 
+def describe(sandbox: Sandbox) -> str:
+    """One line: what main.py sees and runs as."""
+    if sandbox.kind == "bwrap":
+        return (f"bubblewrap: main.py sees /codeexecution (its folder, data/ read-only, predictions/ empty and "
+                "writable), a private empty /tmp, /var/tmp and /dev/shm, the system's read-only files and its interpreter, "
+                f"nothing else of this machine; its own PID, network and IPC namespaces; user {sandbox.user}")
+    pid = "its own PID namespace" if sandbox.pid_namespace else "its own process group"
+    if sandbox.kind == "unshare":
+        return f"unshare: {pid} and network namespace; user {sandbox.user}"
+    return f"no namespaces: {pid}; user {sandbox.user}"
+
+
 # ------------------------------------------------------------------------------------------------ entry point
 
 def verify_submission(
@@ -592,6 +548,7 @@ def verify_submission(
     echo: Callable[[str], None] = print,
     keep: Path | str | None = None,
     allow_network_check_skip: bool = False,
+    limits: ZipLimits = ZipLimits(),
 ) -> VerifyResult:
     """Verify a submission zip end to end (see the module docstring).
 
@@ -600,11 +557,16 @@ def verify_submission(
         features: a folder of chip folders (``<chip_id>/B02.tif ...``), the runtime's ``data/test_features``.
         labels: optional folder of ``<chip_id>.tif`` labels; when given, the pooled Jaccard is computed.
         python: interpreter for main.py (default: the current one; ``runtime_python()`` for the runtime's).
-        timeout: seconds main.py may run (the runtime allows 4 hours).
+        timeout: seconds main.py may run (the runtime allows 4 hours); the prediction check gets what is left.
         echo: where progress and main.py's streamed output go; the last line echoed is ``result.last_line``.
         keep: run in this (new or empty) folder and leave it in place, instead of a deleted temporary one.
         allow_network_check_skip: where no network namespace can be made, run anyway with the audit hook as
             the only network check (weaker: a ``python -I`` child is not seen) instead of failing.
+        limits: what the zip may unpack to (checked from its directory before unpacking).
+
+    Raises:
+        KeyboardInterrupt: Ctrl-C, or ``Interrupted`` on SIGTERM; main.py's sandbox is ended and verify's
+            folders are removed first.
     """
     zip_path, features = Path(zip_path), Path(features)
     python = str(python or sys.executable)
@@ -618,37 +580,59 @@ def verify_submission(
     result = VerifyResult(ok=False, failures=[], n_chips=len(ids), n_predictions=0, python=python)
     echo(f"verify {zip_path} on {len(ids)} chips from {features}")
 
-    zip_problems, safe = check_zip(zip_path)
+    zip_problems, safe = check_zip(zip_path, limits)
     result.failures += zip_problems
     for p in zip_problems:
         echo(f"FAIL {p}")
     if not safe or any("main.py is not at the zip root" in p for p in zip_problems) or \
             any("not a readable zip" in p for p in zip_problems):
+        echo("nothing was unpacked")
         echo(result.last_line)
         return result
 
+    janitor = Janitor()  # removes the folders below and ends main.py's sandbox should verify die first
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="cloudseg-verify-"))
+    if not keep:
+        janitor.remove(work)
     work.mkdir(parents=True, exist_ok=True)
-    hold = Path(tempfile.mkdtemp(prefix="cloudseg-verify-mounts-"))  # mount points outside any closed folder
-    codeexecution = work / "codeexecution"
-    data, pred_dir = codeexecution / "data", codeexecution / "predictions"
-    home, net_dir = work / "home", work / "network"
+    hold = Path(tempfile.mkdtemp(prefix="cloudseg-verify-mounts-"))  # outside any folder the user cannot enter
+    janitor.remove(hold)
+    layout = Layout(work, hold, Path(labels).resolve() if labels is not None else None)
+    codeexecution, data, pred_dir = layout.codeexecution, layout.codeexecution / "data", layout.predictions
+    net_dir = layout.network
     weaker: list[str] = []
     proxy = None
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def on_term(signum, frame):  # noqa: ARG001
+            raise Interrupted(f"verify received signal {signum}")
+
+        previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        os.chmod(work, 0o755)  # mkdtemp makes it 0700: the unprivileged user must enter it
-        sandbox = make_sandbox(python, work, hold)
-        result.network = sandbox.network
+        for folder in (work, hold):
+            os.chmod(folder, 0o755)  # mkdtemp makes them 0700: the unprivileged user must enter them
+        sandbox = make_sandbox(python, layout)
+        result.network, result.sandbox, result.reduced = sandbox.network, describe(sandbox), sandbox.reduced
         echo(f"python: {python}")
+        echo(f"sandbox: {result.sandbox}")
         echo(f"network: {result.network}")
+        for r in sandbox.reduced:
+            echo(f"WARNING reduced protection: {r}")
         if not sandbox.isolated and not allow_network_check_skip:
             result.failures.append(
-                f"no network namespace for main.py ({sandbox.weaker[0]}); run verify where `{UNSHARE} -n` "
+                f"no network namespace for main.py ({sandbox.weaker[0]}); run verify where `unshare -n` "
                 "works (e.g. as root), or pass --allow-network-check-skip to accept the weaker check")
             raise _Stop
         weaker += sandbox.weaker
-        with zipfile.ZipFile(zip_path) as zf:
-            zf.extractall(codeexecution)
+        need, free = unpacked_size(zip_path), free_bytes(work)
+        if need > free:
+            result.failures.append(f"the zip unpacks to {need:,} bytes; {work} has {free:,} free")
+            raise _Stop
+        try:
+            extract(zip_path, codeexecution)
+        except Exception as exc:  # BadZipFile (CRC), zlib.error, a directory that lies about sizes
+            result.failures.append(f"{zip_path}: does not unpack ({exc})")
+            raise _Stop
         shutil.copytree(features, data / "test_features", symlinks=False)
         metadata = features.with_name(features.name.removesuffix("_features") + "_metadata.csv")
         if features.name.endswith("_features") and metadata.is_file():  # chip times, for STAC-band submissions
@@ -656,13 +640,16 @@ def verify_submission(
         stac = _stac_of(codeexecution)
         allow_hosts = _endpoint_hosts(str(stac.get("url") or "")) if stac else []
         allow_hosts += [str(h) for h in (stac or {}).get("asset_hosts") or []]
-        if stac and sandbox.uid is not None and sandbox.isolated:  # root: a door out of the namespace
+        relay = None
+        if stac and sandbox.can_relay:  # a door out of the namespace
             from cloudseg.submission.netproxy import RELAY, AllowProxy
 
-            (work / "proxy").mkdir(mode=0o700)
-            proxy = AllowProxy(work / "proxy" / "stac.sock", allow_hosts, NETWORK_MARK)
+            layout.proxy.mkdir(mode=0o700)
+            proxy = AllowProxy(layout.proxy / "stac.sock", allow_hosts, NETWORK_MARK)
             (hold / "relay.py").write_text(RELAY)
-            _add_relay(sandbox, python, hold / "relay.py", RELAY_PORT, proxy.path)
+            os.chmod(hold / "relay.py", 0o644)
+            relay = [inside_python(python), "-I", sandbox.path(hold / "relay.py"), str(RELAY_PORT),
+                     sandbox.path(proxy.path)]
             reach = (f"main.py reaches it through an allow-listing proxy (127.0.0.1:{RELAY_PORT} in its namespace); "
                      "any other host is refused and reported")
         elif stac and sandbox.isolated:
@@ -675,43 +662,57 @@ def verify_submission(
                  f"{stac.get('url')} (allowed: {', '.join(allow_hosts)}); {reach}")
         before = hash_tree(data)
         _set_tree_mode(data, writable=False)
-        guard = write_network_guard(work / "guard")
-        for folder, mode in ((pred_dir, 0o755), (home, 0o700), (home / "tmp", 0o700), (net_dir, 0o700)):
-            _own(folder, sandbox, mode)
-        writable = {data, pred_dir, home, net_dir}
+        os.chmod(write_network_guard(layout.guard), 0o755)
+        os.chmod(layout.guard / "sitecustomize.py", 0o644)
+        scratch = [pred_dir, net_dir] + ([] if sandbox.kind == "bwrap" else [work / "home", work / "home" / "tmp"])
+        for folder in scratch:
+            _own(folder, sandbox, 0o755 if folder == pred_dir else 0o700)
+        writable = {data, *scratch, layout.proxy}
         _set_submission_mode(codeexecution, writable, writable=False)
-        env, withheld = sandbox_env(home, codeexecution, guard, net_dir / "network.log", allow_hosts,
-                                    f"http://127.0.0.1:{RELAY_PORT}" if proxy else None)
+        env, withheld = sandbox_env(sandbox.home, sandbox.path(codeexecution), sandbox.path(layout.guard),
+                                    sandbox.path(net_dir / "network.log"), allow_hosts,
+                                    f"http://127.0.0.1:{RELAY_PORT}" if proxy else None, tmp=sandbox.tmp)
         passed = sorted(k for k in env if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES))
-        echo(f"user: {sandbox.user}; environment: allow-listed {passed}, HOME and TMPDIR in {home}, verify's "
-             f"own settings; withheld from main.py: {', '.join(withheld) or 'none'}")
-        probe = _probe(sandbox, python, codeexecution, env)
+        echo(f"user: {sandbox.user}; environment: allow-listed {passed}, HOME and TMPDIR in {sandbox.home}, "
+             f"verify's own settings; withheld from main.py: {', '.join(withheld) or 'none'}")
+        probe = _probe(sandbox, python, env)
         if probe:
             result.failures.append(probe)
             raise _Stop
-        scratch = _snapshot(work, writable)
+        before_files = _snapshot(work, writable)
         echo(f"time limit: {timeout:.0f} s; running main.py in {codeexecution}")
-        rc, result.timed_out, result.wall_s, result.log = _run_main(
-            sandbox.prefix + [python, "main.py"], codeexecution, env, timeout, echo, sandbox.popen)
-        result.returncode = rc
+        start = time.time()
+        run = _run_main(sandbox, sandbox.command([inside_python(python), "main.py"], relay), codeexecution, env,
+                        timeout, echo, janitor)
+        result.returncode, result.timed_out, result.wall_s, result.log = (run.returncode, run.timed_out,
+                                                                          run.wall_s, run.lines)
         if result.timed_out:
-            result.failures.append(f"main.py exceeded the time limit of {timeout:.0f} s and was killed")
-        elif rc != 0:
-            last = next((ln.strip() for ln in reversed(result.log) if ln.strip()), "")
-            result.failures.append(f"main.py exited with status {rc}" + (f" (last line: {last[:300]})"
-                                                                        if last else ""))
+            result.failures.append(f"main.py exceeded the time limit of {timeout:.0f} s and was killed, with "
+                                   "every process it had started")
+        elif run.returncode != 0:
+            last = next((ln.strip() for ln in reversed(result.log) if ln.strip() and LEFTOVER_MARK not in ln), "")
+            result.failures.append(f"main.py exited with status {run.returncode}" + (f" (last line: {last[:300]})"
+                                                                                    if last else ""))
+        if run.left:
+            result.failures.append(f"main.py left {len(run.left)} process(es) running when it ended: "
+                                   f"{', '.join(run.left[:MAX_LISTED])} (all ended with its sandbox; the runtime "
+                                   "would not wait for them either)")
+        if run.survived:
+            result.failures.append(f"still running after main.py's sandbox ended, killed by verify: "
+                                   f"{', '.join(run.survived[:MAX_LISTED])}")
         attempts = [ln for ln in result.log if NETWORK_MARK in ln]
         if proxy:
             attempts += proxy.refused
             echo(f"network: {len(proxy.passed)} connection(s) through the STAC proxy, {len(proxy.refused)} refused")
         net_log = net_dir / "network.log"
-        if net_log.is_file():
-            attempts += net_log.read_text().splitlines()
+        if net_log.is_file() and not net_log.is_symlink():
+            with open(net_log, errors="replace") as fh:
+                attempts += fh.read(1 << 20).splitlines()
         if attempts:
             result.failures.append(f"main.py tried to use the network: {attempts[0]}")
-        written = _writes_elsewhere(scratch, _snapshot(work, writable))  # before chmod touches ctimes
+        written = _writes_elsewhere(before_files, _snapshot(work, writable))  # before chmod touches ctimes
         _set_submission_mode(codeexecution, writable, writable=True)
-        result.failures += _listed("main.py wrote outside predictions/ and the scratch home: ", written)
+        result.failures += _listed("main.py wrote outside predictions/ and its scratch folders: ", written)
         _set_tree_mode(data, writable=True)
         after = hash_tree(data)
         if after != before:
@@ -719,24 +720,25 @@ def verify_submission(
             result.failures += _listed("main.py changed the read-only data: ",
                                        [str(data / c) for c in changed])
 
-        pred_failures = check_predictions(pred_dir, ids)
-        if python != sys.executable and pred_dir.is_dir():
-            pred_failures += _check_with_interpreter(python, pred_dir, ids)
+        left_s = max(CHECK_MIN_S, start + timeout - time.time())
+        pred_failures, result.n_predictions = check_predictions(sandbox, python, ids, env, left_s)
         result.failures += pred_failures
-        result.n_predictions = sum((pred_dir / f"{c}.tif").is_file() for c in ids) if pred_dir.is_dir() else 0
         result.chips_per_s, result.chips_per_s_source, result.projected_s = _throughput(
             result.log, result.n_predictions, result.wall_s)
 
         if labels is not None and not pred_failures:
             from cloudseg.metrics import score_folders
 
+            _lock(pred_dir, sandbox)
             try:
                 result.jaccard = score_folders(pred_dir, labels).score()
-            except Exception as exc:  # missing predictions for labels, empty union
+            except Exception as exc:  # missing predictions for labels, empty union, a bad label
                 result.failures.append(f"scoring against {labels} failed: {exc}")
     except _Stop:
         pass
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if proxy is not None:
             proxy.close()
         if codeexecution.exists():
@@ -746,6 +748,7 @@ def verify_submission(
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(hold, ignore_errors=True)
+        janitor.close()
 
     result.ok = not result.failures
     echo(f"predictions: {result.n_predictions}/{result.n_chips}; main.py wall time {result.wall_s:.1f} s")
@@ -764,20 +767,13 @@ def verify_submission(
         echo(f"pooled Jaccard on {labels}: {result.jaccard:.10f}")
     for w in weaker:
         echo(f"WARNING weaker check: {w} (accepted with --allow-network-check-skip)")
+    for r in result.reduced:
+        echo(f"WARNING reduced protection: {r}")
     echo(result.last_line)
     return result
 
 
 RELAY_PORT = 3128  # inside main.py's own network namespace, where nothing else listens
-
-
-def _add_relay(sandbox: Sandbox, python: str, relay: Path, port: int, sock: Path) -> None:
-    """Start ``netproxy.RELAY`` in the root sandbox's entry script, as root, just before it becomes the user."""
-    script = Path(sandbox.prefix[-1])
-    lines = script.read_text().splitlines()
-    at = next(i for i, ln in enumerate(lines) if ln.startswith("exec setpriv"))
-    lines.insert(at, f"{_q(Path(python))} -I {_q(relay)} {port} {_q(sock)} $$")
-    script.write_text("\n".join(lines) + "\n")
 
 
 def _endpoint_hosts(url: str) -> list[str]:
@@ -799,10 +795,9 @@ def _endpoint_hosts(url: str) -> list[str]:
 
 def _stac_of(codeexecution: Path) -> dict | None:
     """The ``stac`` entry of the submission's inference.json (models with supplementary bands), if any."""
-    import json
-
     try:
-        return json.loads((codeexecution / "assets" / "inference.json").read_text()).get("stac") or None
+        with open(codeexecution / "assets" / "inference.json", errors="replace") as fh:
+            return json.loads(fh.read(1 << 20)).get("stac") or None
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -811,19 +806,21 @@ class _Stop(Exception):
     """A sandbox problem that ends the run before main.py starts; already recorded as a failure."""
 
 
-def _probe(sandbox: Sandbox, python: str, codeexecution: Path, env: dict) -> str:
+def _probe(sandbox: Sandbox, python: str, env: dict) -> str:
     """'' when ``python`` starts in the sandbox and can read the submission and the data; else the failure."""
     code = ("import os, sys\n"
             "root = os.environ['CLOUDSEG_ROOT']\n"
             "open(os.path.join(root, 'main.py'), 'rb').close()\n"
             "os.listdir(os.path.join(root, 'data', 'test_features'))\n")
     try:
-        r = subprocess.run(sandbox.prefix + [python, "-c", code], cwd=codeexecution, env=env,
-                           capture_output=True, text=True, timeout=120, **sandbox.popen)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        rc, out = _run_quiet(sandbox, sandbox.command([inside_python(python), "-c", code]),
+                             sandbox.layout.codeexecution, env, 120)
+    except OSError as exc:
         return f"{python} does not start as user {sandbox.user} in the sandbox: {exc}"
-    if r.returncode:
-        why = ((r.stderr or r.stdout).strip().splitlines() or [f"exit {r.returncode}"])[-1]
+    if rc is None:
+        return f"{python} did not start within 120 s as user {sandbox.user} in the sandbox"
+    if rc:
+        why = (out.strip().splitlines() or [f"exit {rc}"])[-1]
         return (f"{python} cannot run main.py as user {sandbox.user} in the sandbox: {why[:300]} "
                 "(the interpreter, the submission and the data must be readable by that user)")
     return ""
