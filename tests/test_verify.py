@@ -7,6 +7,8 @@ template.
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import re
 import resource
@@ -299,6 +301,13 @@ if MODE == "links":
     os.symlink(TARGET, os.path.join(out, chips[0] + ".tif"))
     os.remove(os.path.join(out, chips[1] + ".tif"))
     os.mkfifo(os.path.join(out, chips[1] + ".tif"))
+if MODE == "stac":  # through HTTP_PROXY: verify's relay in the namespace, its allow-listing proxy outside
+    import urllib.request
+    print("fetched: %s" % urllib.request.urlopen("http://127.0.0.1:%d/hello" % PORT, timeout=30).read().decode())
+    try:
+        urllib.request.urlopen("http://10.255.255.1/x", timeout=30)
+    except Exception as exc:
+        print("other host: %s" % exc)
 if MODE == "sleep":
     detach()
     print("started", flush=True)
@@ -307,11 +316,13 @@ if MODE == "sleep":
 
 
 def hostile_zip(tmp_path: Path, mode: str, port: int = 0, token: str = "", labels: str = "", secret: str = "",
-                target: str = "") -> Path:
+                target: str = "", extra: dict | None = None) -> Path:
     path = tmp_path / f"hostile-{mode}.zip"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("main.py", HOSTILE.format(mode=mode, port=port, token=token, labels=labels, secret=secret,
                                               target=target))
+        for member, text in (extra or {}).items():
+            zf.writestr(member, text)
     return path
 
 
@@ -471,6 +482,40 @@ def test_socket_to_a_local_server_is_caught(tmp_path, data, server, path):
         assert len(accepted) == 1
         assert any("child in" in ln for ln in lines)
         assert any(ln.startswith("WARNING weaker check: ") and "python -I" in ln for ln in lines[-6:])
+
+
+@pytest.mark.parametrize("kind", ["bwrap", "unshare"])
+def test_stac_door_lets_through_the_declared_host_only(tmp_path, data, tmpdir, monkeypatch, kind):
+    """A submission declaring a STAC API reaches it through verify's relay and proxy; another host is refused."""
+    _use(kind, monkeypatch)
+    if os.geteuid() != 0 and kind != "bwrap":
+        pytest.skip("without bubblewrap the relay needs root")
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"hello")
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    inference = json.dumps({"stac": {"url": f"http://127.0.0.1:{port}/", "bands": ["B11"]}})
+    try:
+        lines: list[str] = []
+        result = verify_submission(hostile_zip(tmp_path, "stac", port, extra={"assets/inference.json": inference}),
+                                   data / "features", echo=lines.append, timeout=120)
+    finally:
+        srv.shutdown()
+    assert "[main.py] fetched: hello" in lines
+    assert any(ln.startswith("[main.py] other host: HTTP Error 403") for ln in lines), lines
+    assert result.failures == ["main.py tried to use the network: cloudseg-network-guard: blocked proxy refused "
+                               "10.255.255.1:80 (not the declared STAC endpoint)"]
+    assert_nothing_left(tmpdir)
 
 
 @pytest.mark.parametrize("kind", ["bwrap", "unshare"])

@@ -53,6 +53,9 @@ def _pipe(a: socket.socket, b: socket.socket) -> None:
 _RELAY = r'''
 import fcntl, os, socket, struct, sys, threading, time
 port, target, watch = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+# a socket path is limited to 107 bytes: reach it through its folder's descriptor, whatever the folder's depth
+folder = os.open(os.path.dirname(target) or ".", os.O_RDONLY | os.O_DIRECTORY)
+target = "/proc/self/fd/%d/%s" % (folder, os.path.basename(target))
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 flags = struct.unpack("16sH", fcntl.ioctl(s.fileno(), 0x8913, struct.pack("16sH", b"lo", 0)))[1]  # SIOCGIFFLAGS
 if not flags & 0x1:  # bubblewrap brings loopback up itself; unshare -n leaves it down
@@ -120,7 +123,11 @@ class AllowProxy:
         self._lock = threading.Lock()
         self.path.unlink(missing_ok=True)
         self.server = socket.socket(socket.AF_UNIX)
-        self.server.bind(str(self.path))
+        folder = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:  # a socket path is limited to 107 bytes: bind through the folder's descriptor, whatever its depth
+            self.server.bind(f"/proc/self/fd/{folder}/{self.path.name}")
+        finally:
+            os.close(folder)
         os.chmod(self.path, 0o600)
         self.server.listen(64)
         self._closed = False

@@ -426,11 +426,11 @@ else:
     expected = set(c + ".tif" for c in ids)
     out["missing"], out["extra"] = sorted(expected - present), sorted(present - expected)
     for name in sorted(expected & present):
-        kind = kind_of(os.stat(name, dir_fd=dfd, follow_symlinks=False), name)
-        if kind:
-            out["special"].append([name, kind])
-            continue
         try:
+            kind = kind_of(os.stat(name, dir_fd=dfd, follow_symlinks=False), name)
+            if kind:
+                out["special"].append([name, kind])
+                continue
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=dfd)
         except OSError as exc:
             out["unreadable"].append([name, "cannot be opened (%s)" % exc])
