@@ -38,11 +38,13 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: setup  ## the main job on the synthetic default (verified in the runtime's versions where they can be built)
 	-@bash scripts/make_runtime_env.sh || echo "[demo] no .venv-runtime: the zip is verified with .venv's torch"
+	-@bash scripts/ensure_bwrap.sh
 	$(PY) scripts/demo.py
 
 test: setup  ## the whole suite (starts and stops the services it needs)
 	@# the competition runtime's versions, for the tests that run main.py there; they skip where it cannot be built
 	-@bash scripts/make_runtime_env.sh || echo "[test] no .venv-runtime: tests that need it will skip"
+	-@bash scripts/ensure_bwrap.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup  ## the quick lane: the suite without the slow and postgres tests (a few minutes)
@@ -65,4 +67,5 @@ runtime-env:  ## .venv-runtime: the competition runtime's Python 3.9 and pinned 
 	bash scripts/make_runtime_env.sh
 
 real-best: setup  ## train the best real-data recipe, promote submissions/real-best/, verify it
+	-@bash scripts/ensure_bwrap.sh
 	$(PY) scripts/real_best.py $(if $(DATA),--data $(DATA),)
