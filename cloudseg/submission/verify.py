@@ -528,9 +528,10 @@ def _throughput(lines: list[str], n_pred: int, wall_s: float) -> tuple[float | N
 def describe(sandbox: Sandbox) -> str:
     """One line: what main.py sees and runs as."""
     if sandbox.kind == "bwrap":
-        return (f"bubblewrap: main.py sees /codeexecution (its folder, data/ read-only, predictions/ empty and "
-                "writable), a private empty /tmp, /var/tmp and /dev/shm, the system's read-only files and its interpreter, "
-                f"nothing else of this machine; its own PID, network and IPC namespaces; user {sandbox.user}")
+        return ("bubblewrap: main.py sees /codeexecution (its folder, data/ read-only, predictions/ empty and "
+                "writable), a private empty /tmp, /var/tmp and /dev/shm, the system's read-only files and its "
+                f"interpreter, nothing else of this machine; its own PID, network and IPC namespaces; user "
+                f"{sandbox.user}")
     pid = "its own PID namespace" if sandbox.pid_namespace else "its own process group"
     if sandbox.kind == "unshare":
         return f"unshare: {pid} and network namespace; user {sandbox.user}"
