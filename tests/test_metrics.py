@@ -114,6 +114,7 @@ def test_score_command_by_hand(tmp_path):
 def _bad_score_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
     """Each case: (score's arguments, what its one error line says), on 2 chips a and b of 16x16."""
     import rasterio
+    from affine import Affine
 
     cases = {}
 
@@ -137,8 +138,8 @@ def _bad_score_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
     nan[0, 0] = np.nan
     case("nan", {**ok, "a": nan}, "{root}/preds/a.tif: prediction values [nan] are not 0/1")
     root = case("three_bands", ok, "{root}/preds/b.tif: expected 1 band, found 3")
-    with rasterio.open(root / "preds" / "b.tif", "w", driver="GTiff", width=16, height=16, count=3,
-                       dtype="uint8") as dst:
+    with rasterio.open(root / "preds" / "b.tif", "w", driver="GTiff", width=16, height=16, count=3, dtype="uint8",
+                       transform=Affine(1, 0, 0, 0, -1, 16)) as dst:
         dst.write(np.ones((3, 16, 16), np.uint8))
     case("missing", {"a": ok["a"]}, "{root}/preds/b.tif: prediction missing")
     case("empty_folder", {}, "{root}/preds/a.tif: prediction missing (and 1 more of 2)")
