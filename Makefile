@@ -48,6 +48,7 @@ test: setup  ## the whole suite (starts and stops the services it needs)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup  ## the quick lane: the suite without the slow and postgres tests (a few minutes)
+	-@bash scripts/ensure_bwrap.sh
 	$(PY) -m pytest -m "not slow and not postgres" $(PYTEST_ARGS)
 
 ui: setup  ## MLflow UI for this repository's store
