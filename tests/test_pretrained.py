@@ -15,13 +15,19 @@ from mlflow.tracking import MlflowClient
 from cloudseg import pretrained
 from cloudseg.checkpoint import load_checkpoint, model_from_checkpoint
 from cloudseg.paths import REPO_ROOT
+from tests.needs import module
 
 sys.path.insert(0, str(REPO_ROOT / "experiments"))
 import train as train_script  # noqa: E402
 
-ort = pytest.importorskip("onnxruntime", reason="the dev extra's onnxruntime (ukis-csmask[cpu])")
-pytest.importorskip("onnx", reason="the dev extra's onnx")
-pytest.importorskip("ukis_csmask", reason="the dev extra's ukis-csmask")
+
+def needs_ukis(runtime: bool = False) -> None:
+    """The dev extra's packages that reading (onnx, ukis-csmask) and running (onnxruntime) its models take: a test
+    without them skips naming the install, except under CI=true, where that fails."""
+    module("ukis_csmask", "ukis-csmask[cpu]")
+    module("onnx", "onnx")
+    if runtime:
+        module("onnxruntime", "ukis-csmask[cpu]")
 
 
 def test_init_from_values_name_a_level():
@@ -34,11 +40,15 @@ def test_init_from_values_name_a_level():
 
 @pytest.fixture(scope="module", params=["l2a", "l1c"])
 def converted(request, tmp_path_factory):
+    needs_ukis()
     return request.param, pretrained.ukis_checkpoint(request.param, tmp_path_factory.mktemp("ukis") / "ukis.pt")
 
 
 def test_converted_model_computes_what_the_onnx_model_computes(converted):
     """On the same normalised input, the cloud logit is the ONNX model's z_cloud - z_clear, pixel for pixel."""
+    needs_ukis(runtime=True)
+    import onnxruntime as ort
+
     level, path = converted
     ckpt = load_checkpoint(path)
     folder = resources.files("ukis_csmask")
@@ -65,6 +75,7 @@ def test_converted_model_computes_what_the_onnx_model_computes(converted):
 
 def test_init_from_ukis_keeps_its_weights_and_normalisation(mlflow_tmp, tiny_data, tmp_path):
     """A fine-tune from ukis-csmask starts from its weights and keeps its normalisation in the checkpoint."""
+    needs_ukis()
     args = ["--data", str(tiny_data), "--set", "arch=Unet", "--set", "encoder=efficientnet-b4", "--set", "epochs=1",
             "--set", "batch_size=2", "--set", "crop_size=64", "--set", "steps_per_epoch=1", "--set", "n_folds=3",
             "--set", "val_batch_size=2", "--set", "plot_chips=1", "--set", "experiment=ukis",
