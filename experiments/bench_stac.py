@@ -2,10 +2,11 @@
 
     python experiments/bench_stac.py [--n-chips 48] [--workers 8] [--runtime | --python PATH]
 
-Against a local STAC API (``rustac serve`` over items made from the chips, COG assets served with range requests
-by uvicorn: experiments/stac_local.py, which the tests use too), on 127.0.0.1, so the figures are this machine's cost of the work
-(search, window read, resampling, writing) without the Planetary Computer's network latency; over the internet
-each chip waits on one search and one ranged read per band, which ``--workers`` overlaps.
+Against a local STAC API (``rustac serve`` over items made from the chips, COG assets served with range
+requests by uvicorn: experiments/stac_local.py, which the tests use too), on 127.0.0.1, so the figures are this
+machine's cost of the work (search, window read, resampling, writing) without the Planetary Computer's network
+latency; over the internet each chip waits on one search and one ranged read per band, which ``--workers``
+overlaps.
 
 1. ``add-bands --bands B11`` on ``--n-chips`` fresh chips: seconds per chip written, and what that projects to for
    the 11,748 training chips;
