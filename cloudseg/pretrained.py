@@ -9,15 +9,19 @@ out are the EfficientNet classifier head (``_conv_head``, ``_bn1``), which smp's
 
 Their three classes (0 clear, 1 cloud, 2 cloud shadow, softmax) become cloudseg's one cloud logit
 ``z_cloud - z_clear``: its sigmoid is P(cloud | cloud or clear), and above 0.5 exactly where the softmax ranks
-cloud over clear. The normalisation is theirs (reflectance in [0, 1], then their band means and sds), and a
-fine-tune keeps it (``Trainer``: a model keeps the normalisation of the weights it starts from).
+cloud over clear. The normalisation is theirs (reflectance = DN / 10,000 as their ``CSmask`` takes it, unclipped,
+then their band means and sds), and a fine-tune keeps it (``Trainer``: a model keeps the normalisation of the
+weights it starts from). Clipping reflectance at 1, as conversion 1 did, changes what the model sees on bright
+chips: on the real sample's chip adxp (labelled all cloud, blue at DN 9,500-13,300) the L2A model's cloud share
+fell from 100% to 18% (tests/test_pretrained.py compares with ``CSmask`` on the real chips).
 
     init_from: ukis-csmask          # the L2A model (the On Cloud N chips are L2A)
     init_from: ukis-csmask:l1c      # the L1C one
     encoder: efficientnet-b4        # arch: Unet
 
 Needs the ``bench`` extra (``ukis-csmask`` for the files, ``onnx`` to read them); the converted checkpoint is
-cached under the state root and records where it came from (``origin``: package, version, file, licence).
+cached under the state root and records where it came from (``origin``: package, version, file, licence, and
+which ``conversion`` of this module made it: an older one is converted anew).
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ UKIS_LICENCE = "Apache-2.0"
 UKIS_URL = "https://github.com/dlr-eoc/ukis-csmask"
 # The EfficientNet classifier head: in smp's state dict, never used by its encoder, absent from the export.
 UNUSED = ("encoder._conv_head.", "encoder._bn1.")
+# What ukis_checkpoint makes; a cached conversion of another number is made anew. 1: reflectance clipped at 1;
+# 2: reflectance unclipped, as ukis-csmask's CSmask takes it.
+UKIS_CONVERSION = 2
+UKIS_CLIP = 65535 / 10000.0  # the largest uint16 DN: no reflectance is clipped
 
 
 class PretrainedError(ValueError):
@@ -121,10 +129,30 @@ def ukis_checkpoint(level: str, path: Path | str) -> Path:
     state[head_b] = torch.from_numpy(b[UKIS_CLOUD:UKIS_CLOUD + 1] - b[UKIS_CLEAR:UKIS_CLEAR + 1])
     model.load_state_dict(state)
     mean, std = data["dataset_statistics"]["img"]
-    norm = Normalization(divisor=10000.0, clip=1.0, mean=tuple(map(float, mean)), std=tuple(map(float, std)))
-    origin = {"package": UKIS, "version": version, "file": onnx_file.name, "model_version":
-              model_spec.get("version", ""), "licence": UKIS_LICENCE, "url": UKIS_URL,
+    norm = Normalization(divisor=10000.0, clip=UKIS_CLIP, mean=tuple(map(float, mean)), std=tuple(map(float, std)))
+    origin = {"package": UKIS, "version": version, "conversion": UKIS_CONVERSION, "file": onnx_file.name,
+              "model_version": model_spec.get("version", ""), "licence": UKIS_LICENCE, "url": UKIS_URL,
               "head": "cloud logit = z_cloud - z_clear of the 3-class (clear, cloud, shadow) head"}
     ckpt = make_checkpoint(model, model_args(UKIS_ARCH, UKIS_ENCODER), norm.to_dict(), 0.5, {}, epoch=0)
     ckpt["origin"] = origin
     return save_checkpoint(ckpt, path)
+
+
+def ukis_cached(level: str, path: Path | str) -> Path:
+    """``path`` where it holds this conversion of the installed ukis-csmask's ``level`` model, else
+    ``ukis_checkpoint(level, path)``: a cache made by an older conversion or another ukis-csmask is replaced."""
+    from cloudseg.checkpoint import load_checkpoint
+
+    path = Path(path)
+    if path.is_file():
+        try:
+            origin = load_checkpoint(path).get("origin") or {}
+        except Exception:  # noqa: BLE001 - unreadable or truncated: convert again
+            origin = {}
+        try:
+            installed = metadata.version(UKIS)
+        except metadata.PackageNotFoundError:
+            installed = None
+        if origin.get("conversion") == UKIS_CONVERSION and origin.get("version") == installed:
+            return path
+    return ukis_checkpoint(level, path)

@@ -2,10 +2,11 @@
 
     python experiments/bench_stac.py [--n-chips 48] [--workers 8] [--runtime | --python PATH]
 
-Against the test suite's local STAC API (``rustac serve`` over items made from the chips, COG assets served with
-range requests by uvicorn: tests/stac_server.py), on 127.0.0.1, so the figures are this machine's cost of the work
-(search, window read, resampling, writing) without the Planetary Computer's network latency; over the internet
-each chip waits on one search and one ranged read per band, which ``--workers`` overlaps.
+Against a local STAC API (``rustac serve`` over items made from the chips, COG assets served with range
+requests by uvicorn: experiments/stac_local.py, which the tests use too), on 127.0.0.1, so the figures are this
+machine's cost of the work (search, window read, resampling, writing) without the Planetary Computer's network
+latency; over the internet each chip waits on one search and one ranged read per band, which ``--workers``
+overlaps.
 
 1. ``add-bands --bands B11`` on ``--n-chips`` fresh chips: seconds per chip written, and what that projects to for
    the 11,748 training chips;
@@ -29,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # stac_local, beside this file
 
 TRAIN_CHIPS = 11_748
 
@@ -75,15 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     from cloudseg.data.io import features_dir, metadata_path
     from cloudseg.data.stac import add_bands
     from cloudseg.paths import RUNTIME_PYTHON
-    from tests.data.fixtures import make_dataset
-    from tests.stac_server import build_catalog, spread_chips, start_file_server, start_stac_server
+    from stac_local import build_catalog, spread_chips, start_file_server, start_stac_server, write_chips
 
     python = str(RUNTIME_PYTHON) if args.runtime else (args.python or sys.executable)
     work = Path(tempfile.mkdtemp(prefix="cloudseg-bench-stac-"))
     servers = []
     try:
-        data = make_dataset(work / "data", n_chips=args.n_chips, split="test", labels=False,
-                            locations=("A", "B", "C", "D"))
+        data = write_chips(work / "data", args.n_chips, split="test")
         spread_chips(data, "test")
         catalog = work / "catalog"
         (catalog / "assets").mkdir(parents=True)

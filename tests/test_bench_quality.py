@@ -93,8 +93,23 @@ def test_synthetic_only_model_trains_from_scratch_settings_when_the_recipe_start
 
 
 @pytest.mark.slow
-def test_bench_quality_trains_the_recipe_out_of_fold(tiny_data, mlflow_tmp, tmp_path, capsys):
+def test_bench_quality_trains_the_recipe_out_of_fold(tiny_data, mlflow_tmp, tmp_path, capsys, monkeypatch):
+    """Each fold's model trains on other locations than the chips it predicts, every chip is predicted by exactly
+    one fold, and the printed figure pools those out-of-fold predictions."""
+    import pandas as pd
+
+    from cloudseg.data.io import read_band
+
     bq = _bench()
+    folds = []
+    train_model = bq.train_model
+
+    def spy(cfg, split, train_ids, val_ids, kind, *args, **kwargs):
+        if kind == "bench-recipe":
+            folds.append((list(train_ids), list(val_ids)))
+        return train_model(cfg, split, train_ids, val_ids, kind, *args, **kwargs)
+
+    monkeypatch.setattr(bq, "train_model", spy)
     rc = bq.main(["--data", str(tiny_data), "--folds", "0", "--skip", "synthetic,ukis", "--threads", "1",
                   "--set", "epochs=1", "--set", "crop_size=64", "--set", "batch_size=2", "--set", "steps_per_epoch=1",
                   "--set", "val_batch_size=2", "--set", "init_from=", "--oof-out", str(tmp_path / "oof.npz"),
@@ -104,8 +119,19 @@ def test_bench_quality_trains_the_recipe_out_of_fold(tiny_data, mlflow_tmp, tmp_
     m = re.fullmatch(r"cloudseg_all=(\S+) cloudseg_clean=(\S+) ukis_all=nan ukis_clean=nan "
                      r"synthetic_only_all=nan synthetic_only_clean=nan", last)
     assert m and 0.0 <= float(m.group(1)) <= 1.0
+    meta = pd.read_csv(tiny_data / "train_metadata.csv", dtype=str)
+    location = dict(zip(meta["chip_id"], meta["location"]))
+    assert len(folds) == 3  # tiny_data: 3 locations, one held out per fold
+    for train_ids, val_ids in folds:
+        assert train_ids and val_ids and not {location[c] for c in train_ids} & {location[c] for c in val_ids}
+    assert sorted(c for _, val in folds for c in val) == sorted(location)  # each chip predicted once
+    inter = union = 0
     with np.load(tmp_path / "oof.npz") as z:
-        assert len(z.files) == 6 and z[z.files[0]].shape == (512, 512)  # every chip predicted out of fold
+        assert sorted(z.files) == sorted(location) and z[z.files[0]].shape == (512, 512)
+        for chip in z.files:  # the recipe's threshold (0.5) on the out-of-fold probabilities
+            pred, label = z[chip] >= 0.5, read_band(tiny_data / "train_labels" / f"{chip}.tif") == 1
+            inter, union = inter + int((pred & label).sum()), union + int((pred | label).sum())
+    assert float(m.group(1)) == pytest.approx(inter / union, abs=5e-4)
 
 
 @pytest.mark.slow

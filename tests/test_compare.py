@@ -182,6 +182,11 @@ def test_last_line_is_seeded(store, capsys):
     a, b = fake_run(counts(ratio=0.7)), fake_run(counts(ratio=np.linspace(0.5, 0.9, 40)))
     lines = {run_cli(capsys, a, b, "--no-log", "--seed", "5")[1].splitlines()[-1] for _ in range(2)}
     assert len(lines) == 1
+    # and the seed is the one asked for: another seed draws other resamples, so the interval moves (the
+    # point estimate does not), and --seed 0 is the default
+    five, six = parse_last(lines.pop()), parse_last(run_cli(capsys, a, b, "--no-log", "--seed", "6")[1])
+    assert five["delta"] == six["delta"] and (five["ci_low"], five["ci_high"]) != (six["ci_low"], six["ci_high"])
+    assert run_cli(capsys, a, b, "--no-log")[1] == run_cli(capsys, a, b, "--no-log", "--seed", "0")[1]
 
 
 # ---------------------------------------------------------------------- refusals

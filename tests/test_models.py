@@ -24,9 +24,9 @@ from cloudseg.models import (
     model_args,
     runtime_support,
 )
+from tests.needs import runtime_python
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNTIME_PYTHON = ROOT / ".venv-runtime" / "bin" / "python"
 
 # Light settings per architecture so the whole parametrised test stays within seconds on 2 cores.
 _FORWARD_CASES = {
@@ -222,10 +222,10 @@ _LOAD_IN_RUNTIME = textwrap.dedent("""
 
 
 @pytest.mark.runtime
-@pytest.mark.skipif(not RUNTIME_PYTHON.is_file(), reason=f"{RUNTIME_PYTHON} missing: run `make runtime-env`")
 @pytest.mark.parametrize("encoder", ["resnet18", "efficientnet-b4"])
 def test_checkpoint_trained_here_loads_and_predicts_the_same_in_smp_021(tmp_path, encoder):
     """efficientnet-b4: smp 0.2.1 computes one "same" padding differently; the checkpoint's record fixes it."""
+    python = runtime_python()
     args = model_args("Unet", encoder)
     model = build_model(args["arch"], args["encoder_name"]).eval()
     for m in model.modules():  # non-trivial BatchNorm statistics, so eval-mode arithmetic is really compared
@@ -240,7 +240,7 @@ def test_checkpoint_trained_here_loads_and_predicts_the_same_in_smp_021(tmp_path
     torch.save({"x": x, "y": y}, tmp_path / "io.pt")
     (tmp_path / "load.py").write_text(_LOAD_IN_RUNTIME)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    out = subprocess.run([str(RUNTIME_PYTHON), str(tmp_path / "load.py"), str(ckpt), str(tmp_path / "io.pt"),
+    out = subprocess.run([str(python), str(tmp_path / "load.py"), str(ckpt), str(tmp_path / "io.pt"),
                           str(ROOT / "cloudseg" / "submission")],
                          capture_output=True, text=True, timeout=120, env=env, check=False)
     assert out.returncode == 0, out.stderr[-2000:]

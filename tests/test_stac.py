@@ -1,7 +1,7 @@
 """Supplementary bands from a STAC API: ``cloudseg add-bands``, config key ``bands``, and main.py fetching them.
 
 Against a real STAC API on 127.0.0.1 (``rustac serve``) whose items' COG assets are served over HTTP with range
-requests (tests/stac_server.py). Each asset is a known function of the chip's pixels, so the fetched bands are
+requests (experiments/stac_local.py). Each asset is a known function of the chip's pixels, so the fetched bands are
 checked pixel by pixel; decoy items (a neighbouring tile of the same acquisition, the same tile ten days later)
 carry wrong pixels, so choosing one shows.
 """
@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,15 +24,19 @@ import pytest
 
 from cloudseg.data.io import features_dir, read_band, write_tif
 from cloudseg.data.validate import DatasetError, validate_split
-from cloudseg.paths import REPO_ROOT, RUNTIME_PYTHON
+from cloudseg.paths import REPO_ROOT
 from cloudseg.submission import stac_bands
 from tests.data.fixtures import make_dataset
+from tests.needs import runtime_python
 from tests.services import unavailable
-from tests.stac_server import (
+
+sys.path.insert(0, str(REPO_ROOT / "experiments"))
+from stac_local import (  # noqa: E402  (the local STAC API, shared with experiments/bench_stac.py)
     build_catalog,
     rustac_binary,
     spread_chips,
     start_file_server,
+    start_planetary_computer,
     start_stac_server,
 )
 
@@ -217,9 +222,7 @@ def test_a_five_band_model_trains_promotes_and_its_main_py_fetches_b11(stac, tmp
         shutil.copyfile(features_from / "test_metadata.csv", root / "data" / "test_metadata.csv")
         return root
 
-    if not RUNTIME_PYTHON.is_file():
-        unavailable(f"{RUNTIME_PYTHON} not built (make runtime-env)")
-    python = str(RUNTIME_PYTHON)
+    python = str(runtime_python())  # skips naming `make runtime-env` where it is not built; fails under CI=true
     fetched = root_with(data, "fetched")
     proc = subprocess.run([python, "main.py"], cwd=folder, capture_output=True, text=True, timeout=600,
                           env={"PATH": os.environ["PATH"], "CLOUDSEG_ROOT": str(fetched), "HOME": str(tmp_path)})
@@ -349,3 +352,129 @@ def test_the_verify_proxy_passes_only_allowed_hosts(tmp_path):
     finally:
         proxy.close()
         srv.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ Planetary Computer
+
+ACCOUNT, CONTAINER = "cloudsegtest", "sentinel2-l2"
+
+
+@pytest.fixture(scope="module")
+def signed_stac(tmp_path_factory):
+    """4 train chips whose items' assets are blobs (``http://<account>.blob.core.windows.net/<container>/...``)
+    that only a token from the signing API opens: the local stand-in of experiments/stac_local.py."""
+    if rustac_binary() is None:
+        unavailable("rustac is not installed (it is in the dev extras)")
+    base = tmp_path_factory.mktemp("signed")
+    data = make_dataset(base / "data", n_chips=4)
+    spread_chips(data, "train")
+    catalog = base / "catalog"
+    (catalog / "assets").mkdir(parents=True)
+    pc = start_planetary_computer(catalog / "assets", base / "pc.jsonl")
+    servers = [pc]
+    try:
+        expected = build_catalog(data, ("train",), catalog, f"http://{ACCOUNT}.blob.core.windows.net/{CONTAINER}",
+                                 bands=("B11",), decoys=False)
+        servers.append(start_stac_server(catalog))
+        times = {r["chip_id"]: r["datetime"] for r in csv.DictReader((data / "train_metadata.csv").open())}
+        b02 = {c: features_dir(data, "train") / c / "B02.tif" for c in times}
+        chips = {c: (stac_bands.chip_grid(b02[c]), stac_bands.parse_time(t)) for c, t in times.items()}
+        yield SimpleNamespace(url=servers[1].url, pc=pc, expected=expected, chips=chips, times=times, b02=b02)
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def _since(pc, n: int, kind: str) -> list[dict]:
+    return [e for e in pc.log()[n:] if e["kind"] == kind]
+
+
+@pytest.mark.stac
+def test_planetary_computer_signing_reuses_refreshes_and_retries_tokens(signed_stac, monkeypatch):
+    """The signing path of the band fetch (planetary-computer's sign_url, as main.py and add-bands use it against the
+    Planetary Computer) against a local token API and blob store that behave like the real ones: unsigned reads are
+    refused; a token request that fails once is retried; one token serves every read of its container until less
+    than a minute of it is left, then a new one is asked for; a token API that keeps refusing fails the chip with
+    the reason, after the retries."""
+    import planetary_computer.sas as sas
+    from planetary_computer.settings import Settings
+
+    s, pc = signed_stac, signed_stac.pc
+    monkeypatch.setenv("PC_SDK_SAS_URL", pc.sas_url)  # planetary-computer's own setting for its token endpoint
+    monkeypatch.delenv("PC_SDK_SUBSCRIPTION_KEY", raising=False)
+    monkeypatch.setenv("GDAL_HTTP_PROXY", pc.proxy)  # the blob host names reach the stand-in
+    Settings.get.cache_clear()
+    sas.TOKEN_CACHE.clear()
+    try:
+        n = len(pc.log())
+        with pytest.raises(stac_bands.FetchError, match="403"):
+            stac_bands.StacBands(s.url, sign=False, retries=0).fetch(*s.chips["tr00"], ["B11"])
+        assert [e["status"] for e in _since(pc, n, "blob")][:1] == [403] and not _since(pc, n, "token")
+
+        fetcher = stac_bands.StacBands(s.url, sign=True)
+        pc.control(fail=[503], ttl=70)  # the first token request fails; tokens live 70 s
+        n = len(pc.log())
+        got, item = fetcher.fetch(*s.chips["tr00"], ["B11"])
+        assert item == "S2_tr00"
+        np.testing.assert_array_equal(got["B11"], s.expected["tr00"]["B11"])
+        tokens = _since(pc, n, "token")
+        assert [(t["status"], t["account"], t["container"]) for t in tokens] == [
+            (503, ACCOUNT, CONTAINER), (200, ACCOUNT, CONTAINER)]
+        first = {b["sig"] for b in _since(pc, n, "blob")}
+        assert len(first) == 1 and "" not in first  # every read carried the one token issued
+
+        n = len(pc.log())  # 10 s of the token's 70 are spare before the one-minute margin: it is reused
+        got, _ = fetcher.fetch(*s.chips["tr01"], ["B11"])
+        np.testing.assert_array_equal(got["B11"], s.expected["tr01"]["B11"])
+        assert not _since(pc, n, "token") and {b["sig"] for b in _since(pc, n, "blob")} == first
+
+        time.sleep(max(0.0, tokens[-1]["t"] + 10.5 - time.time()))  # less than a minute left: refreshed
+        n = len(pc.log())
+        got, _ = fetcher.fetch(*s.chips["tr02"], ["B11"])
+        np.testing.assert_array_equal(got["B11"], s.expected["tr02"]["B11"])
+        assert [t["status"] for t in _since(pc, n, "token")] == [200]
+        second = {b["sig"] for b in _since(pc, n, "blob")}
+        assert len(second) == 1 and second != first
+        assert all(b["status"] == 200 for b in pc.log() if b["kind"] == "blob" and b["sig"])  # none expired
+
+        pc.control(fail=[403, 403, 403], ttl=70)  # the token API keeps refusing (rate limit, bad key)
+        sas.TOKEN_CACHE.clear()
+        n = len(pc.log())
+        with pytest.raises(stac_bands.FetchError, match="signing http://cloudsegtest.blob.core.windows.net/.* "
+                                                        "failed after 3 attempt"):
+            fetcher.fetch(*s.chips["tr03"], ["B11"])
+        assert [t["status"] for t in _since(pc, n, "token")] == [403, 403, 403] and not _since(pc, n, "blob")
+    finally:
+        Settings.get.cache_clear()
+        sas.TOKEN_CACHE.clear()
+
+
+@pytest.mark.stac
+@pytest.mark.runtime
+def test_runtime_planetary_computer_signs_and_retries(signed_stac, tmp_path):
+    """The same path under the runtime's planetary-computer 0.4.2 (stac_bands.py as main.py ships it), which has no
+    retry of its own: a token request that fails once is retried by stac_bands, and the signed read gets the
+    chip's pixels."""
+    python = runtime_python()
+    s, pc = signed_stac, signed_stac.pc
+    code = ("import sys, numpy as np\n"
+            "sys.path.insert(0, sys.argv[1])\n"
+            "import planetary_computer, stac_bands\n"
+            "grid = stac_bands.chip_grid(sys.argv[2])\n"
+            "bands, item = stac_bands.StacBands(sys.argv[3], sign=True).fetch(\n"
+            "    grid, stac_bands.parse_time(sys.argv[4]), ['B11'])\n"
+            "np.save(sys.argv[5], bands['B11'])\n"
+            "from planetary_computer.version import __version__\n"
+            "print(__version__, item)\n")
+    pc.control(fail=[503], ttl=3600)
+    n = len(pc.log())
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PC_SDK_SAS_URL": pc.sas_url,
+           "GDAL_HTTP_PROXY": pc.proxy}
+    out = subprocess.run([str(python), "-c", code, str(REPO_ROOT / "cloudseg" / "submission"),
+                          str(s.b02["tr00"]), s.url, s.times["tr00"], str(tmp_path / "b11.npy")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.stdout.split() == ["0.4.2", "S2_tr00"]
+    np.testing.assert_array_equal(np.load(tmp_path / "b11.npy"), s.expected["tr00"]["B11"])
+    assert [t["status"] for t in _since(pc, n, "token")] == [503, 200]
+    assert {b["status"] for b in _since(pc, n, "blob")} == {200} and "" not in {b["sig"] for b in _since(pc, n, "blob")}

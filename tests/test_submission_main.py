@@ -24,10 +24,10 @@ from PIL import Image
 from cloudseg.checkpoint import make_checkpoint, save_checkpoint
 from cloudseg.data.io import BANDS, write_tif
 from cloudseg.data.transforms import Normalization
-from cloudseg.paths import RUNTIME_PYTHON
 from cloudseg.submission import MAIN_TEMPLATE, write_submission
 from cloudseg.submission.verify import write_network_guard
 from tests.data.fixtures import make_dataset
+from tests.needs import runtime_python
 
 TINY_ARGS = {"arch": "Unet", "encoder_name": "resnet18", "in_channels": 4, "classes": 1,
              "kwargs": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}}
@@ -252,8 +252,7 @@ def test_missing_features_folder_exits_nonzero(tmp_path, checkpoint):
 
 @pytest.mark.runtime
 def test_runtime_versions_give_the_same_predictions(tmp_path, checkpoint, good_chips):
-    if not RUNTIME_PYTHON.is_file():
-        pytest.skip(f"{RUNTIME_PYTHON} not built (make runtime-env)")
+    python = runtime_python()
     folder = write_submission(tmp_path / "sub", [checkpoint], tta="flip", batch_size=2)
     chips = tmp_path / "chips"
     for name in ("te00", "te01"):  # two chips keep the six forwards per stack affordable on 2 cores
@@ -262,7 +261,7 @@ def test_runtime_versions_give_the_same_predictions(tmp_path, checkpoint, good_c
     assert load_main(folder).run(here, folder) == 0
     there = make_root(tmp_path / "there", chips)
     env = {**os.environ, "CLOUDSEG_ROOT": str(there), "PYTHONPATH": ""}
-    proc = subprocess.run([str(RUNTIME_PYTHON), "main.py"], cwd=folder, env=env, capture_output=True,
+    proc = subprocess.run([str(python), "main.py"], cwd=folder, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "torch=1.8" in proc.stdout

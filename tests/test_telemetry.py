@@ -111,6 +111,28 @@ NETGUARD = textwrap.dedent('''
     socket.socket.connect = connect
     socket.socket.connect_ex = connect_ex
     socket.create_connection = create_connection
+    # one line per process the guard is loaded in, so a test can tell "no attempt" from "no guard"
+    if _LOG:
+        with open(_LOG, "a") as fh:
+            fh.write(json.dumps({"pid": os.getpid(), "kind": "loaded",
+                                 "argv": [os.path.basename(a) for a in sys.argv[:2]]}) + "\\n")
+''')
+
+# Run in the environment under test: a process that does try the network. Each attempt must be logged and refused.
+CONTROL = textwrap.dedent('''
+    import socket
+    try:
+        socket.getaddrinfo("pypi.org", 443)
+        print("resolved pypi.org")
+    except socket.gaierror:
+        print("refused pypi.org")
+    s = socket.socket()
+    try:
+        s.settimeout(5)
+        s.connect(("192.0.2.1", 443))  # TEST-NET-1: never routed
+        print("connected 192.0.2.1")
+    except OSError as exc:
+        print("refused 192.0.2.1" if "network guard" in str(exc) else f"not guarded: {exc}")
 ''')
 
 
@@ -128,10 +150,33 @@ def user_env(tmp_path: Path, **extra: str) -> tuple[dict[str, str], Path]:
     return env, log
 
 
-def attempts(log: Path) -> list[dict]:
+def _entries(log: Path) -> list[dict]:
     if not log.is_file():
         return []
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def attempts(log: Path) -> list[dict]:
+    """The network destinations tried, in order."""
+    return [e for e in _entries(log) if e["kind"] != "loaded"]
+
+
+def guarded(log: Path) -> list[list[str]]:
+    """The first two command-line words (base names) of every process the guard was loaded in."""
+    return [e["argv"] for e in _entries(log) if e["kind"] == "loaded"]
+
+
+def assert_guard_catches(env: dict[str, str], tmp_path: Path) -> None:
+    """Positive control: in ``env``, a process that tries the network has each attempt logged and refused (so an
+    empty log elsewhere means no attempt, not a guard that never loaded)."""
+    log = tmp_path / "control-netlog.jsonl"
+    res = subprocess.run([sys.executable, "-c", CONTROL], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**env, "CLOUDSEG_NETLOG": str(log)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split("\n")[:2] == ["refused pypi.org", "refused 192.0.2.1"], res.stdout
+    tried = {(a["kind"], a["host"]) for a in attempts(log)}
+    assert {("getaddrinfo", "pypi.org"), ("connect", "192.0.2.1")} <= tried, tried
+    assert guarded(log) == [["-c"]]
 
 
 def unexpected(log: Path, allowed: set[tuple[str, int]] = frozenset()) -> list[dict]:
@@ -195,7 +240,9 @@ def test_importing_cloudseg_first_leaves_mlflow_without_telemetry(tmp_path):
                          cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "client None" in res.stdout and "session None" in res.stdout, res.stdout
+    assert guarded(log) == [["-c"]]  # the guard watched that process
     assert unexpected(log) == [], describe(unexpected(log))
+    assert_guard_catches(env, tmp_path)
     # the user's explicit opt-in is honoured: CLOUDSEG_TELEMETRY=1 leaves MLflow's own default (telemetry on)
     (tmp_path / "optin").mkdir()
     env, _ = user_env(tmp_path / "optin", CLOUDSEG_TELEMETRY="1")
@@ -232,17 +279,33 @@ def test_entry_points_open_no_connection(mlflow_tmp, tiny_data, tmp_path, monkey
     found = unexpected(log)
     assert found == [], "network attempts:\n" + describe(found)
     assert all(v == [] for v in seen.values()), seen
+    # the guard watched each of the three commands, and it catches what it should in this environment
+    assert {"cloudseg synth", "cloudseg validate", "train.py"} <= {
+        " ".join(a[:2]) if a[0] == "cloudseg" else a[0] for a in guarded(log)}, guarded(log)
+    assert_guard_catches(env, tmp_path)
 
 
-def test_mlflow_imported_first_loses_its_client(monkeypatch):
-    """A notebook that imports mlflow before cloudseg: apply_defaults drops the client MLflow already made."""
-    import mlflow.telemetry.client as telemetry_client
-
-    calls = []
-    monkeypatch.setattr(telemetry_client, "set_telemetry_client", lambda: calls.append(1))
-    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
-    monkeypatch.delenv(privacy.OPT_IN_VAR, raising=False)
-    assert "MLFLOW_DISABLE_TELEMETRY" in privacy.apply_defaults()
-    assert calls == [1] and os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
-    privacy.apply_defaults()  # already set (by us or the user): MLflow's client is left as it is
-    assert calls == [1]
+def test_mlflow_imported_first_loses_its_client(tmp_path):
+    """A notebook that imports mlflow before cloudseg, in a user's environment: MLflow's real telemetry client
+    exists until `import cloudseg`, which drops it; a switch the user set themselves is left alone."""
+    code = ("import os, mlflow\n"
+            "from mlflow.telemetry import get_telemetry_client\n"
+            "print('before', type(get_telemetry_client()).__name__)\n"
+            "import cloudseg\n"
+            "print('after', type(get_telemetry_client()).__name__)\n"
+            "print('switch', os.environ.get('MLFLOW_DISABLE_TELEMETRY'))\n")
+    env, log = user_env(tmp_path)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[0] != "before NoneType", lines  # positive control: outside CI, MLflow made its client
+    assert lines[1:] == ["after NoneType", "switch true"], lines
+    assert unexpected(log) == [], describe(unexpected(log))  # the guard refused whatever the client tried
+    # the user's own choice (telemetry on) stays, and so does the client MLflow made for it
+    env, _ = user_env(tmp_path, MLFLOW_DISABLE_TELEMETRY="false")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[0] == lines[1].replace("after", "before") != "before NoneType" and lines[2] == "switch false", lines

@@ -10,13 +10,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from cloudseg.checkpoint import load_checkpoint, model_from_checkpoint
 from cloudseg.config import ConfigError, load_config
+from cloudseg.data.dataset import ChipDataset
+from cloudseg.data.sources import fold_ids
+from cloudseg.data.transforms import Normalization
+from cloudseg.data.validate import validate_split
+from cloudseg.metrics import JaccardAccumulator
 from cloudseg.paths import REPO_ROOT
+from cloudseg.training import predict_probs
 
 sys.path.insert(0, str(REPO_ROOT / "experiments"))
 import train as train_script  # noqa: E402
@@ -61,6 +69,23 @@ def test_one_epoch_run_is_fully_tracked(env, tiny_data, capsys):
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert plots == {"plots/learning_curve.png", "plots/predictions.png"}
     assert f"run_id={run.info.run_id}" in capsys.readouterr().out
+    # the per-chip table holds the counts behind the run's figures: the fold's validation chips, pooled at the
+    # configured threshold (best_val_jaccard, the epoch's val_jaccard) and at the kept one (val_jaccard_at_threshold)
+    with tempfile.TemporaryDirectory() as tmp:
+        per = pd.read_csv(client.download_artifacts(run.info.run_id, "per_chip_jaccard.csv", tmp),
+                          dtype={"chip_id": str})
+    cfg = load_config(None, TINY[1::2], data=str(tiny_data))
+    split = validate_split(tiny_data, "train", labels=True, load=False)
+    assert sorted(per["chip_id"]) == sorted(fold_ids(cfg, split)[1]) and len(per) == 2
+    assert list(per["location"]) == list(split.metadata.loc[per["chip_id"], "location"])
+    assert (per["intersection"] <= per["union"]).all() and per["union"].sum() > 0
+    np.testing.assert_allclose(per["jaccard"], per["intersection"] / per["union"].where(per["union"] > 0))
+    metrics = run.data.metrics
+    fixed = per["intersection_fixed"].sum() / per["union_fixed"].sum()
+    assert metrics["best_val_jaccard"] == pytest.approx(fixed, abs=1e-12)
+    assert client.get_metric_history(run.info.run_id, "val_jaccard")[0].value == pytest.approx(fixed, abs=1e-12)
+    tuned = per["intersection"].sum() / per["union"].sum()
+    assert metrics["val_jaccard_at_threshold"] == pytest.approx(tuned, abs=1e-12)
 
 
 def test_val_every_validates_every_kth_epoch_and_the_last(env, tiny_data):
@@ -77,7 +102,7 @@ def test_val_every_validates_every_kth_epoch_and_the_last(env, tiny_data):
 
 
 def test_checkpoint_rebuilds_model_alone(env, tiny_data, tmp_path):
-    train_script.main(["--data", str(tiny_data), *TINY])
+    train_script.main(["--data", str(tiny_data), *TINY, "--set", "precision=fp32"])
     client, runs = _only_run()
     path = Path(client.download_artifacts(runs[0].info.run_id, "checkpoint/best.pt", str(tmp_path)))
     ckpt = load_checkpoint(path)
@@ -90,6 +115,21 @@ def test_checkpoint_rebuilds_model_alone(env, tiny_data, tmp_path):
     model = model_from_checkpoint(ckpt)
     out = model(torch.zeros(1, 4, 64, 64))
     assert out.shape == (1, 1, 64, 64)
+    # the file alone (its model, normalisation and threshold) predicts the run's validation chips as the run
+    # scored them: the per-chip counts and the figure MLflow holds
+    with tempfile.TemporaryDirectory() as tmp:
+        per = pd.read_csv(client.download_artifacts(runs[0].info.run_id, "per_chip_jaccard.csv", tmp),
+                          dtype={"chip_id": str}).set_index("chip_id")
+    split = validate_split(tiny_data, "train", labels=True, load=True)
+    dataset = ChipDataset(split, list(per.index), None, Normalization.from_dict(ckpt["normalization"]))
+    probs = predict_probs(path, dataset, device="cpu", precision="fp32", batch_size=2)
+    acc = JaccardAccumulator()
+    for chip, p in probs.items():
+        acc.add(chip, (p >= ckpt["threshold"]).astype(np.uint8), split.mask(chip))
+    counts = acc.per_chip().set_index("chip_id").loc[per.index]
+    assert counts["intersection"].tolist() == per["intersection"].tolist()
+    assert counts["union"].tolist() == per["union"].tolist()
+    assert acc.score() == pytest.approx(runs[0].data.metrics["val_jaccard_at_threshold"], abs=1e-12)
 
 
 def test_init_from_a_run_starts_from_its_weights(env, tiny_data, capsys):
@@ -163,10 +203,23 @@ def test_set_errors(env, tiny_data, capsys):
 
 
 def test_yaml_configs_load():
-    for path in (REPO_ROOT / "experiments" / "configs").glob("*.yaml"):
+    """Every shipped config loads, and what it sets is what the Config holds (a file the loader ignored would
+    load as the defaults)."""
+    import yaml
+
+    loaded = []
+    for path in sorted((REPO_ROOT / "experiments" / "configs").glob("*.yaml")):
         if path.stem == "space" or path.stem.endswith("-space"):  # search spaces, not configs
             continue
-        load_config(path)
+        raw = yaml.safe_load(path.read_text())
+        cfg = load_config(path)
+        assert isinstance(raw, dict) and raw, path
+        for key, value in raw.items():
+            got = getattr(cfg, key)
+            assert got == value or (isinstance(got, float) and got == pytest.approx(value)), (path.name, key, got)
+        loaded.append(path.stem)
+    # the recipes the README and the Makefile name
+    assert {"default", "demo", "full", "gpu", "real-best", "real-scratch", "real-sample"} <= set(loaded), loaded
 
 
 def test_raising_run_ends_failed(env, tiny_data, monkeypatch):
@@ -242,7 +295,14 @@ def test_resumed_training_repeats_the_uninterrupted_one(tiny_data, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         Trainer(cfg, split, train_ids, val_ids, tmp_path / "resumed").fit()
     monkeypatch.setattr(Trainer, "_save_state", save)
+    # build() re-seeds from the config, so a resume that ignored last.pt and retrained from epoch 1 would end on
+    # the same weights: the epochs the resumed fit trains tell the two apart
+    ran = []
+    train_one_epoch = Trainer.train_one_epoch
+    monkeypatch.setattr(Trainer, "train_one_epoch", lambda self, epoch: (ran.append(epoch),
+                                                                          train_one_epoch(self, epoch))[1])
     resumed = Trainer(cfg, split, train_ids, val_ids, tmp_path / "resumed").fit()
+    assert ran == [2, 3]
     a = load_checkpoint(whole.checkpoint)["state_dict"]
     b = load_checkpoint(resumed.checkpoint)["state_dict"]
     assert [h["train_loss"] for h in whole.history] == [h["train_loss"] for h in resumed.history]

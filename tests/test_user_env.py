@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cloudseg.paths import REPO_ROOT
-from tests.test_telemetry import TINY, describe, unexpected, user_env
+from tests.test_telemetry import TINY, assert_guard_catches, describe, guarded, unexpected, user_env
 
 # experiments/promote.py as a user runs it, except that the submission goes to a temporary folder instead of
 # the repository's submissions/ (the tests' usual patch, applied inside the child).
@@ -62,3 +62,6 @@ def test_train_then_promote_without_ci(mlflow_tmp, tiny_data, tmp_path, monkeypa
 
     found = unexpected(log)
     assert found == [], "network attempts:\n" + describe(found)
+    # the guard watched both commands, and catches attempts in this environment (positive control)
+    assert ["train.py"] in [a[:1] for a in guarded(log)] and ["-c", "promote.py"] in guarded(log), guarded(log)
+    assert_guard_catches(env, tmp_path)

@@ -215,6 +215,26 @@ def test_real_submission_passes_and_cli_prints_jaccard(tmp_path, data):
     assert re.fullmatch(r"jaccard=[01]\.\d{10}", out[-1])
     assert any(ln.startswith("[main.py] throughput chips_per_s=") for ln in out)
     assert any("first read to last write" in ln for ln in out)
+    # the figure is the pooled Jaccard of this model's masks against the labels, recomputed here from the
+    # checkpoint alone (its normalisation and threshold; no main.py). The tolerance is two pixels of the union,
+    # for a probability that lands on the threshold within float error.
+    import torch
+
+    from cloudseg.checkpoint import load_checkpoint, model_from_checkpoint
+    from cloudseg.data.io import read_band, read_chip
+    from cloudseg.data.transforms import Normalization
+    from cloudseg.metrics import JaccardAccumulator
+
+    ckpt = load_checkpoint(tmp_path / "m.pt")
+    norm = Normalization.from_dict(ckpt["normalization"])
+    x = torch.from_numpy(np.stack([norm(read_chip(data / "features" / c)) for c in ("c0", "c1")]))
+    with torch.no_grad():
+        probs = torch.sigmoid(model_from_checkpoint(ckpt).eval()(x))[:, 0].numpy()
+    acc = JaccardAccumulator()
+    for chip, p in zip(("c0", "c1"), probs):
+        acc.add(chip, (p >= ckpt["threshold"]).astype(np.uint8), read_band(data / "labels" / f"{chip}.tif"))
+    assert 0.001 < acc.score() < 0.999  # the masks are neither empty nor everything, so the figure says something
+    assert float(out[-1].split("=")[1]) == pytest.approx(acc.score(), abs=2 / sum(u for _, _, u in acc.rows))
 
 
 def test_cli_exit_codes_for_bad_submission_and_missing_runtime(tmp_path, data, monkeypatch):

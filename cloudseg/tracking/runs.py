@@ -175,7 +175,7 @@ def resolve_init(value: str) -> Path | None:
     if level is not None:  # ukis-csmask's weights, converted once
         cached = state_root() / "init" / f"{pretrained.UKIS}-{level}" / "best.pt"
         try:
-            return cached if cached.is_file() else pretrained.ukis_checkpoint(level, cached)
+            return pretrained.ukis_cached(level, cached)
         except pretrained.PretrainedError as exc:
             raise RunError(str(exc)) from exc
     pre = pretraining_config(value)

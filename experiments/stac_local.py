@@ -1,6 +1,7 @@
-"""A real STAC API on 127.0.0.1 for tests: rustac's server (in-memory backend) over items made from fixture chips,
-and their cloud-optimised GeoTIFF assets served over HTTP with range requests (uvicorn + Starlette), with faults
-injected by file name.
+"""A real STAC API on 127.0.0.1 for tests and benchmarks: rustac's server (in-memory backend) over items made from
+chips, and their cloud-optimised GeoTIFF assets served over HTTP with range requests (uvicorn + Starlette), with
+faults injected by file name. Used by tests/test_stac.py and experiments/bench_stac.py; needs the dev extra
+(rustac, uvicorn, starlette).
 
 The catalogue mimics the Planetary Computer's ``sentinel-2-l2a``: one item per acquisition and tile, geometry in
 lon/lat, one COG per band asset, each asset a tile larger than the chip (so the chip's window has to be found
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +23,13 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from tests.services import free_port
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on at ``host`` right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
 
 PAD = 96  # pixels of the tile around the chip on each side
 COLLECTION = "sentinel-2-l2a"
@@ -49,6 +57,81 @@ async def app(scope, receive, send):
     await files(scope, receive, send)
 
 uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+'''
+
+
+# Run with `python -c`: the Planetary Computer's two services as a client meets them, on 127.0.0.1.
+# - The SAS token API: GET <url>/api/sas/v1/token/<account>/<container> answers {"msft:expiry", "token"}, a
+#   query string (st, se, sp, sig, ...) valid for that container until its expiry.
+# - Azure Blob Storage at http://<account>.blob.core.windows.net/<container>/<file>: reached through this server as
+#   an HTTP proxy (GDAL_HTTP_PROXY), since those names lead elsewhere. A read needs a token this server issued
+#   for that container and not yet expired; anything else is refused 403 AuthenticationFailed, as Azure does.
+# POST /control {"fail": [503, ...], "ttl": s} sets the status of the next token requests and the lifetime of
+# the tokens issued from then on. Every token request and blob read is logged as one JSON line to argv[3].
+_PC_SERVER = r'''
+import datetime as dt, json, secrets, sys
+from urllib.parse import parse_qs, urlsplit
+import uvicorn
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.staticfiles import StaticFiles
+
+root, port, log_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+files = StaticFiles(directory=root)
+state = {"fail": [], "ttl": 3600.0}
+issued = {}  # sig -> (account, container, expiry)
+PREFIX = "/api/sas/v1/token/"
+BLOB = ".blob.core.windows.net"
+
+def log(**entry):
+    entry["t"] = dt.datetime.now(dt.timezone.utc).timestamp()
+    with open(log_path, "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+
+def iso(t):
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    path = scope["path"]
+    host = dict(scope["headers"]).get(b"host", b"").decode().split(":")[0]
+    if path.startswith("http://"):  # an absolute-form target, as a proxy receives it
+        parts = urlsplit(path)
+        host, path = parts.hostname or "", parts.path
+    if path == "/control" and scope["method"] == "POST":
+        state.update(await Request(scope, receive).json())
+        await JSONResponse(state)(scope, receive, send)
+    elif path.startswith(PREFIX):
+        account, container = path[len(PREFIX):].split("/")[:2]
+        status = state["fail"].pop(0) if state["fail"] else 200
+        log(kind="token", account=account, container=container, status=status)
+        if status != 200:
+            await PlainTextResponse("injected failure", status_code=status)(scope, receive, send)
+            return
+        now = dt.datetime.now(dt.timezone.utc)
+        expiry = now + dt.timedelta(seconds=float(state["ttl"]))
+        sig = secrets.token_urlsafe(16)
+        issued[sig] = (account, container, expiry)
+        token = "st=%s&se=%s&sp=rl&sv=2021-06-08&sr=c&skoid=local&sig=%s" % (iso(now), iso(expiry), sig)
+        await JSONResponse({"msft:expiry": iso(expiry), "token": token})(scope, receive, send)
+    elif host.endswith(BLOB):
+        account = host[: -len(BLOB)]
+        container, _, name = path.lstrip("/").partition("/")
+        sig = parse_qs(scope["query_string"].decode()).get("sig", [""])[0]
+        grant = issued.get(sig)
+        now = dt.datetime.now(dt.timezone.utc)
+        ok = grant is not None and grant[:2] == (account, container) and grant[2] > now
+        log(kind="blob", account=account, container=container, name=name, sig=sig, method=scope["method"],
+            status=200 if ok else 403)
+        if not ok:
+            await PlainTextResponse("AuthenticationFailed", status_code=403)(scope, receive, send)
+            return
+        await files(dict(scope, path="/" + name, raw_path=("/" + name).encode(), query_string=b""), receive, send)
+    else:
+        await PlainTextResponse("not found", status_code=404)(scope, receive, send)
+
+uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
 '''
 
 
@@ -97,6 +180,44 @@ def start_file_server(root: Path) -> Server:
     url = f"http://127.0.0.1:{port}"
     _wait_http(url + "/", proc, "file server")
     return Server(url, proc)
+
+
+@dataclass
+class PlanetaryComputer(Server):
+    """The local stand-in for the Planetary Computer's token API and blob storage (see ``_PC_SERVER``)."""
+
+    log_path: Path
+
+    @property
+    def sas_url(self) -> str:
+        """What ``PC_SDK_SAS_URL`` takes (planetary-computer's setting for its token endpoint)."""
+        return self.url + "/api/sas/v1/token"
+
+    @property
+    def proxy(self) -> str:
+        """What ``GDAL_HTTP_PROXY`` takes, so GDAL's reads of ``*.blob.core.windows.net`` reach this server."""
+        return self.url.removeprefix("http://")
+
+    def control(self, fail: list[int] | None = None, ttl: float | None = None) -> None:
+        """Fail the next token requests with these statuses; issue tokens valid for ``ttl`` seconds."""
+        body = {k: v for k, v in (("fail", fail), ("ttl", ttl)) if v is not None}
+        requests.post(self.url + "/control", json=body, timeout=10).raise_for_status()
+
+    def log(self) -> list[dict]:
+        """Every token request and blob read so far, in order."""
+        if not self.log_path.is_file():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+
+
+def start_planetary_computer(root: Path, log_path: Path) -> PlanetaryComputer:
+    """Serve ``root``'s files as blobs (any account and container) behind the token check."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _PC_SERVER, str(root), str(port), str(log_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    _wait_http(url + "/", proc, "Planetary Computer stand-in")
+    return PlanetaryComputer(url, proc, log_path)
 
 
 def rustac_binary() -> str | None:
@@ -217,6 +338,29 @@ def build_catalog(root: Path, splits: tuple[str, ...], out: Path, base_url: str,
     (out / "collection.json").write_text(json.dumps(collection))
     (out / "items.json").write_text(json.dumps({"type": "FeatureCollection", "features": items}))
     return expected
+
+
+def write_chips(root: Path, n: int, split: str = "test", locations: tuple[str, ...] = ("A", "B", "C", "D"),
+                seed: int = 0) -> Path:
+    """``n`` chips of random reflectance in the competition layout, without labels: ``<split>_features/<id>/`` with
+    the four bands and ``<split>_metadata.csv`` with a location and a datetime per chip. All share one 10 m grid
+    (``spread_chips`` moves them apart). Returns ``root``."""
+    import pandas as pd
+
+    from cloudseg.data.io import BANDS, write_tif
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        chip = f"{split[:2]}{i:02d}"
+        for band in BANDS:
+            write_tif(root / f"{split}_features" / chip / f"{band}.tif",
+                      rng.integers(300, 9000, (512, 512), dtype=np.uint16))
+        rows.append((chip, locations[i % len(locations)], f"2020-0{1 + i % 9}-01T10:00:00Z",
+                     f"az://./{split}_features/{chip}"))
+    pd.DataFrame(rows, columns=["chip_id", "location", "datetime", "cloudpath"]).to_csv(
+        root / f"{split}_metadata.csv", index=False)
+    return root
 
 
 def spread_chips(root: Path, split: str = "train", row: int = 0) -> None:
