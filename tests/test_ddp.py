@@ -6,6 +6,7 @@ still joins every collective."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -62,7 +63,25 @@ def job(mlflow_tmp, tmp_path):
 
     def run(*args: str, raise_at: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
         e = {**env, **({"CLOUDSEG_TEST_RAISE": raise_at} if raise_at else {})}
-        return subprocess.run([*TORCHRUN, TRAIN, *args], capture_output=True, text=True, env=e, timeout=timeout)
+        proc = subprocess.Popen([*TORCHRUN, TRAIN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=e)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # a hung job (a rank waiting in a collective) is stopped whole: torchrun stops its ranks on SIGTERM
+            # (each runs in its own session), and any rank still there is killed by the pid it recorded
+            proc.terminate()
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            for pid in _rank_pids(tmp_path):
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"the torchrun job hung for {timeout} s (a rank waiting in a collective?):\n"
+                        f"{out[-2000:]}\n{err[-3000:]}")
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     return run
 
@@ -83,9 +102,14 @@ def _alive(pid: int) -> bool:
     return "State:\tZ" not in status and TRAIN.encode() in cmdline
 
 
+def _rank_pids(tmp_path: Path) -> list[int]:
+    """The pids the job's ranks recorded when they started."""
+    return [int(f.name.split(".")[1]) for f in (tmp_path / "pids").glob("rank*.*")]
+
+
 def _no_rank_left(tmp_path: Path) -> None:
     """Every rank that started is gone (each recorded its pid when it started)."""
-    pids = [int(f.name.split(".")[1]) for f in (tmp_path / "pids").glob("rank*.*")]
+    pids = _rank_pids(tmp_path)
     assert len(pids) >= 2, f"the ranks recorded no pids: {sorted(f.name for f in (tmp_path / 'pids').iterdir())}"
     deadline = time.monotonic() + 10
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
