@@ -71,9 +71,10 @@ def install_advice(cap: tuple[int, int]) -> str:
 def kernel_problem(index: int) -> str | None:
     """Run one tiny kernel on GPU ``index``; the error it raised, or None when it ran (cached per process)."""
     try:
-        x = torch.arange(8, dtype=torch.float32, device=torch.device("cuda", index))
-        if float((x * 2).sum().item()) != 56.0:  # .item() waits for the kernel: asynchronous errors surface here
-            return "a kernel ran but returned a wrong result"
+        with torch.cuda.device(index):  # the probe's context on this GPU only (not also GPU 0, for every rank)
+            x = torch.arange(8, dtype=torch.float32, device=torch.device("cuda", index))
+            if float((x * 2).sum().item()) != 56.0:  # .item() waits for the kernel: asynchronous errors surface
+                return "a kernel ran but returned a wrong result"
     except Exception as exc:  # RuntimeError / torch.AcceleratorError / AssertionError on CPU-only builds
         first = (str(exc).strip().splitlines() or [""])[0]
         return f"{type(exc).__name__}: {first}"
