@@ -67,5 +67,5 @@ runtime-env:  ## .venv-runtime: the competition runtime's Python 3.9 and pinned 
 real-best: setup  ## train the best real-data recipe, promote submissions/real-best/, verify it
 	$(PY) scripts/real_best.py $(if $(DATA),--data $(DATA),)
 
-gpu-check: setup  ## every CUDA path on this machine's GPUs (~5 min); without a GPU it says so and exits 0
+gpu-check: setup  ## every CUDA path on this machine's GPUs (sized for ~5 min); without a GPU it says so and exits 0
 	$(PY) experiments/gpu_check.py

@@ -1,4 +1,4 @@
-"""``make gpu-check``: every CUDA path cloudseg has, run for real on this machine's GPUs (about 5 minutes).
+"""``make gpu-check``: every CUDA path cloudseg has, run for real on this machine's GPUs (sized for ~5 minutes).
 
     python experiments/gpu_check.py [--keep] [--rehearse-on-cpu]
 
