@@ -67,6 +67,9 @@ def install_advice(cap: tuple[int, int]) -> str:
             "device=cpu; a K80 runs submissions under the competition runtime's torch 1.8.1")
 
 
+_WARNED: set[int] = set()  # GPUs whose fallback to the CPU was already reported
+
+
 @functools.lru_cache(maxsize=None)
 def kernel_problem(index: int) -> str | None:
     """Run one tiny kernel on GPU ``index``; the error it raised, or None when it ran (cached per process)."""
@@ -115,7 +118,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     msg = f"{gpu} cannot run {describe_build()}: a first kernel failed ({problem}). Fix: {advice}"
     if name == "cuda":
         raise DeviceError(msg)
-    print(f"warning: {msg}. device=auto: using the CPU instead", file=sys.stderr, flush=True)
+    if local_rank not in _WARNED:  # once per process, however often the device is resolved
+        _WARNED.add(local_rank)
+        print(f"warning: {msg}. device=auto: using the CPU instead", file=sys.stderr, flush=True)
     return torch.device("cpu")
 
 

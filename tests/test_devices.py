@@ -35,8 +35,10 @@ def fake_gpu(monkeypatch):
 
     probe = devices.kernel_problem
     probe.cache_clear()  # the probe's answers are cached per process: none may leak into or out of a fake
+    devices._WARNED.clear()
     yield gpu
     probe.cache_clear()
+    devices._WARNED.clear()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the probe must fail for real: needs a machine with no GPU")
@@ -52,6 +54,7 @@ def test_a_gpu_the_build_cannot_drive_is_named_with_the_fix(fake_gpu, capsys):
     # device=auto: falls back to the CPU and says why
     assert resolve_device("auto") == torch.device("cpu")
     assert "Tesla K80 (sm_37)" in capsys.readouterr().err
+    assert resolve_device("auto") == torch.device("cpu") and capsys.readouterr().err == ""  # said once
     # a Volta is told which wheel has its kernels
     devices.kernel_problem.cache_clear()
     fake_gpu("Tesla V100-SXM2-16GB", (7, 0))
