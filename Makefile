@@ -21,7 +21,7 @@ LAB_PRIVACY := --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate -
   --LabApp.extension_manager=readonly
 endif
 
-.PHONY: help setup demo test test-fast ui dashboard lab runtime-env real-best clean-stores
+.PHONY: help setup demo test test-fast ui dashboard lab runtime-env real-best gpu-check clean-stores
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -75,3 +75,6 @@ runtime-env:  ## .venv-runtime: the competition runtime's Python 3.9 and pinned 
 real-best: setup  ## train the best real-data recipe, promote submissions/real-best/, verify it
 	-@bash scripts/ensure_bwrap.sh
 	$(PY) scripts/real_best.py $(if $(DATA),--data $(DATA),)
+
+gpu-check: setup  ## every CUDA path on this machine's GPUs (sized for ~5 min); without a GPU it says so and exits 0
+	$(PY) experiments/gpu_check.py

@@ -4,6 +4,10 @@ single-process identity, so a plain ``python experiments/train.py`` runs exactly
 
 Written on raw ``torch.distributed`` (NCCL on CUDA, gloo on CPU): the loop is already plain PyTorch, and what
 DDP adds to it here is a sharded sampler, gradient all-reduce and summed validation counts.
+
+Every collective cloudseg makes itself goes through this module, and every tensor it hands one is on ``device()``:
+NCCL takes only tensors on the rank's own GPU (gloo takes CPU tensors and hides the difference), so a CPU tensor
+here is a multi-GPU run that fails at the first epoch's end. ``tests/test_ddp.py`` rehearses that rule on CPU.
 """
 
 from __future__ import annotations
@@ -23,19 +27,36 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def setup() -> None:
-    """Join the process group ``torchrun`` describes (idempotent; nothing without torchrun)."""
+_DEVICE = torch.device("cpu")  # where this rank's collectives take tensors (set by setup)
+
+
+def setup(device: str = "auto") -> None:
+    """Join the process group ``torchrun`` describes (idempotent; nothing without torchrun): NCCL where this rank
+    trains on a GPU (config key ``device``, resolved as the training loop resolves it), gloo on the CPU."""
+    global _DEVICE
     if not launched() or dist.is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend)
+    from cloudseg.devices import resolve_device
+
+    dev = resolve_device(device, local_rank())
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", device_id=dev)  # bound to the rank's GPU: barriers know which one
+    else:
+        dist.init_process_group("gloo")
+    _DEVICE = dev
+
+
+def device() -> torch.device:
+    """The device this rank's collectives take tensors on: its GPU under NCCL, the CPU under gloo."""
+    return _DEVICE
 
 
 def teardown() -> None:
+    global _DEVICE
     if dist.is_initialized():
         dist.destroy_process_group()
+    _DEVICE = torch.device("cpu")
 
 
 def active() -> bool:
@@ -87,10 +108,22 @@ def sum_arrays(*arrays: np.ndarray) -> list[np.ndarray]:
         return list(arrays)
     out = []
     for a in arrays:
-        t = torch.from_numpy(np.ascontiguousarray(a))
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(device())
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        out.append(t.numpy())
+        out.append(t.cpu().numpy())
     return out
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. Every rank calls it, whatever it does next,
+    so a rank with nothing to validate still joins the collective the others make."""
+    if not active():
+        return
+    for buf in module.buffers():
+        t = buf.to(device())
+        dist.broadcast(t, src=0)
+        if t is not buf:
+            buf.copy_(t.to(buf.device))
 
 
 class ShardSampler(Sampler):

@@ -125,6 +125,45 @@ def model_args(arch: str, encoder: str, in_channels: int = len(BANDS), classes: 
             "in_channels": int(in_channels), "classes": int(classes), "kwargs": dict(kwargs)}
 
 
+def freeze_unused(model: torch.nn.Module, in_channels: int = len(BANDS)) -> list[str]:
+    """Stop gradients for the parameters the forward never reaches; returns their names.
+
+    smp's EfficientNet encoders (``efficientnet-*`` and ``timm-efficientnet-*``) keep the ImageNet classifier's
+    last 1x1 convolution and its BatchNorm (``_conv_head``/``_bn1``, ``conv_head``/``bn2``), but a segmentation
+    forward stops at the last block's features, so these three tensors never get a gradient. DDP waits for a
+    gradient of every parameter that requires one and fails at the second step ("Expected to have finished
+    reduction in the prior iteration"). Frozen, they stay in the state dict, so checkpoints, main.py under smp
+    0.2.1 and ukis-csmask's weights load as before, and no figure changes: a parameter without a gradient was
+    never updated (AdamW skips it). DDP's ``find_unused_parameters=True`` would also work, at the cost of a
+    graph traversal every step.
+
+    Found by one forward and backward pass on a zero input in eval mode (no BatchNorm statistic moves, no random
+    number is drawn). A model that refuses the probe input is left as it is.
+    """
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        for size in (64, 256):  # 64 suits most; a few architectures need larger inputs
+            try:
+                with torch.enable_grad():
+                    out = model(torch.zeros(1, in_channels, size, size, device=device))
+                    out = out[0] if isinstance(out, (tuple, list)) else out
+                    out.float().sum().backward()
+                break
+            except (RuntimeError, ValueError):
+                model.zero_grad(set_to_none=True)
+        else:
+            return []
+        unused = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        model.zero_grad(set_to_none=True)
+        for _, p in unused:
+            p.requires_grad_(False)
+        return [n for n, _ in unused]
+    finally:
+        model.train(was_training)
+
+
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (all, or only those with ``requires_grad``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

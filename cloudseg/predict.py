@@ -85,18 +85,16 @@ class Ensemble:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA when present and a tiny kernel runs on it, else CPU."""
+    """``auto``: CUDA when present and a tiny kernel runs on it, else CPU (saying why); ``cuda`` on a GPU this torch
+    build cannot drive is refused with the GPU, the build and the fix (``cloudseg.devices.resolve_device``)."""
+    from cloudseg.devices import DeviceError, resolve_device
+
     if name not in ("auto", "cpu", "cuda"):
         raise PredictError(f"--device {name!r}: use auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PredictError("--device cuda: no usable CUDA device in this torch build; use --device cpu or auto")
-    if name == "auto" and torch.cuda.is_available():
-        try:
-            (torch.ones(2, device="cuda") * 2).sum().item()
-            return torch.device("cuda")
-        except Exception:  # a GPU this build has no kernels for
-            return torch.device("cpu")
-    return torch.device("cpu" if name == "auto" else name)
+    try:
+        return resolve_device(name)
+    except DeviceError as exc:
+        raise PredictError(f"--device {name}: {exc}") from None
 
 
 def load_ensemble(checkpoints: Sequence[Path | str], device: torch.device, threshold: float | None = None,

@@ -23,12 +23,14 @@ from cloudseg import distributed as dist
 from cloudseg.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint, unwrap
 from cloudseg.config import Config, config_bands
 from cloudseg.data.bands import BANDS
-from cloudseg.data.dataset import ChipDataset
+from cloudseg.data.dataset import ChipDataset, EpochSampler
 from cloudseg.data.transforms import Normalization, build_train_transform, fit_normalization
 from cloudseg.data.validate import ValidatedSplit
+from cloudseg.devices import DTYPES, DeviceError, describe_gpu, resolve_precision
+from cloudseg.devices import resolve_device as _resolve_device
 from cloudseg.losses import build_loss
 from cloudseg.metrics import JaccardAccumulator, ThresholdSweep
-from cloudseg.models import build_model, model_args
+from cloudseg.models import build_model, freeze_unused, model_args
 
 
 class Callback(Protocol):
@@ -72,35 +74,28 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` = CUDA where available; under torchrun each rank takes the GPU of its local rank."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA device is available; use device=auto or device=cpu")
-    if name == "cuda" and dist.active():
-        return torch.device("cuda", dist.local_rank())
-    return torch.device(name)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX). Elsewhere (e.g. AVX2-only CPUs) bf16 autocast
-    is emulated and several times slower than fp32, so ``precision=auto`` stays in fp32 there."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """``auto`` = CUDA where a first kernel runs (else the CPU, with a warning saying why); under torchrun each rank
+    takes the GPU of its local rank. See ``cloudseg.devices``."""
+    return _resolve_device(name, dist.local_rank())
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: fp16 AMP on CUDA, bf16 autocast on CPUs with native bf16, else None (fp32)."""
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.float16
-        return torch.bfloat16 if cpu_has_fast_bf16() else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    """The autocast dtype of config key ``precision`` on ``device`` (None: fp32); ``auto`` by what the device
+    computes fast (``cloudseg.devices.auto_precision``)."""
+    return DTYPES[resolve_precision(precision, device)]
+
+
+def configure_backends(device: torch.device) -> None:
+    """cuDNN autotuning on CUDA: each run feeds one input size (its crop in training, full chips in validation),
+    so the fastest convolution algorithm is searched once per shape and pays back at every step after."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def loader_options(device: torch.device, num_workers: int) -> dict:
+    """DataLoader options for batches bound to ``device``: page-locked batches on CUDA, so the ``non_blocking``
+    copies overlap with compute (from pageable memory they are synchronous)."""
+    return {"num_workers": num_workers, "pin_memory": device.type == "cuda"}
 
 
 def use_channels_last(setting: str, device: torch.device, dtype: torch.dtype | None) -> bool:
@@ -181,15 +176,21 @@ def evaluate(
     batch_size: int = 4,
     channels_last: bool = True,
     keep_probs: set[str] | None = None,
+    num_workers: int = 0,
 ) -> EvalResult:
     """Competition Jaccard of ``model`` on ``dataset`` (full chips), plus a threshold sweep. Under torchrun each
-    rank passes its shard of the chips and every rank gets the counts of all of them."""
+    rank passes its shard of the chips (possibly none) and every rank gets the counts of all of them."""
+    # The plain module, not DDP's wrapper: DDP's forward broadcasts buffers at the first call after training, a
+    # collective a rank with an empty shard would never join. Every rank joins this broadcast instead, so all
+    # validate with rank 0's BatchNorm statistics (the ones its checkpoint holds).
+    model = unwrap(model)
+    dist.broadcast_buffers(model)
     model.eval()
     acc, sweep, kept = JaccardAccumulator(), ThresholdSweep(), {}
     local, local_kept = acc, kept
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options(device, num_workers))
     for batch in loader:
-        x = batch["image"].to(device)
+        x = batch["image"].to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
@@ -240,8 +241,13 @@ class Trainer:
         self.state_dir = Path(state_dir)
         self.callbacks = list(callbacks or [])
         self.device = resolve_device(cfg.device)
-        self.dtype = autocast_dtype(cfg.precision, self.device)
+        if dist.active() and "cuda" in (self.device.type, dist.device().type) and self.device != dist.device():
+            raise DeviceError(f"device={cfg.device} resolves to {self.device} but this rank joined its process "
+                              f"group on {dist.device()}; give the same --set device=... to every torchrun rank")
+        self.precision = resolve_precision(cfg.precision, self.device)  # fp32 | bf16 | fp16, as the run records
+        self.dtype = DTYPES[self.precision]
         self.channels_last = use_channels_last(cfg.channels_last, self.device, self.dtype)
+        configure_backends(self.device)
         self.bands = config_bands(cfg)
         if tuple(split.bands) != self.bands:
             raise ValueError(f"the split was read with bands {','.join(split.bands)} but the config's bands are "
@@ -255,6 +261,13 @@ class Trainer:
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
 
+    def describe(self) -> dict[str, str]:
+        """Run tags: the device and precision this run resolved to (``auto`` decides by the hardware)."""
+        tags = {"cloudseg.device": self.device.type, "cloudseg.precision": self.precision}
+        if self.device.type == "cuda":
+            tags["cloudseg.gpu"] = describe_gpu(self.device.index or 0)
+        return tags
+
     # -------------------------------------------------------------- pieces
     def build(self):
         cfg = self.cfg
@@ -264,6 +277,7 @@ class Trainer:
                             in_channels=len(self.bands))
         if self.start is not None:
             load_init_weights(model, self.model_args, self.start, self.init_weights)
+        self.frozen = freeze_unused(model, len(self.bands))  # e.g. EfficientNet's classifier head: DDP needs it
         model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -277,10 +291,12 @@ class Trainer:
         rank, world = dist.rank(), dist.world()
         if cfg.batch_size % world:
             raise ValueError(f"batch_size={cfg.batch_size} is the global batch: it must divide by the {world} ranks")
-        # each rank augments with its own seed (rank 0's is the config's: one process draws what it always drew)
+        # each rank augments with its own seed (rank 0's is the config's: one process draws what it always drew);
+        # a DataLoader worker reseeds its copy from (seed, rank, epoch, worker id) instead (ChipDataset)
         transform = build_train_transform(cfg.crop_size or None, cfg.aug_strength, seed=cfg.seed + rank)
         self.transform = transform
-        self.train_ds = ChipDataset(self.split, self.train_ids, transform, self.normalization)
+        self.train_ds = ChipDataset(self.split, self.train_ids, transform, self.normalization,
+                                    augment_seed=(cfg.seed, rank))
         self.val_ds = ChipDataset(self.split, self.val_ids[rank::world], None, self.normalization)
         n = len(self.train_ds)
         per_epoch = cfg.steps_per_epoch or max(1, n // cfg.batch_size if n >= cfg.batch_size else 1)
@@ -290,16 +306,21 @@ class Trainer:
                                 num_samples=per_epoch * cfg.batch_size, generator=self.generator)
         if world > 1:  # every rank draws the same global epoch and trains on its share of each global batch
             sampler = dist.ShardSampler(sampler, rank, world)
-        self.train_loader = DataLoader(self.train_ds, batch_size=cfg.batch_size // world, sampler=sampler,
-                                       drop_last=True, num_workers=cfg.num_workers,
-                                       persistent_workers=cfg.num_workers > 0)
+        self.epoch_sampler = EpochSampler(sampler)  # each index carries its epoch into the workers
+        self.train_loader = DataLoader(self.train_ds, batch_size=cfg.batch_size // world,
+                                       sampler=self.epoch_sampler, drop_last=True,
+                                       persistent_workers=cfg.num_workers > 0,
+                                       **loader_options(self.device, cfg.num_workers))
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = make_scheduler(cfg, self.optimizer, per_epoch)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16 and self.device.type == "cuda")
+        # fp16 needs loss scaling on any device (its range underflows small gradients); CPU runs it too, so the
+        # path CUDA takes is rehearsed where no GPU is (tests/test_devices.py)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
     def train_one_epoch(self, epoch: int) -> dict:
         cfg, model = self.cfg, self.model
         model.train()
+        self.epoch_sampler.set_epoch(epoch)
         losses, n_chips = [], 0
         t0 = time.perf_counter()
         from tqdm.auto import tqdm
@@ -380,8 +401,8 @@ class Trainer:
 
     def _augment_rng(self) -> list:
         """The augmentation pipeline's own generators, in pipeline order (albumentations draws from these, not the
-        global seeds). With DataLoader workers each worker holds a copy, so a resume then repeats the
-        augmentations only approximately."""
+        global seeds). DataLoader workers reseed their copies from (seed, rank, epoch, worker id) instead, so a
+        resume with workers repeats their augmentations from the epoch alone."""
         return [(t.random_generator.bit_generator.state, t.py_random.getstate())
                 for t in augment_rng_holders(self.transform)]
 
@@ -407,7 +428,7 @@ class Trainer:
             validated = epoch % cfg.val_every == 0 or epoch == cfg.epochs
             if validated:
                 ev = evaluate(self.model, self.val_ds, self.device, self.dtype, cfg.threshold, cfg.val_batch_size,
-                              self.channels_last, keep_probs=plot_ids)
+                              self.channels_last, keep_probs=plot_ids, num_workers=cfg.num_workers)
                 metrics["val_jaccard"] = ev.jaccard
                 if ev.jaccard > best or cfg.keep == "last":
                     best, best_epoch, since_best, kept_ev = ev.jaccard, epoch, 0, ev
@@ -422,8 +443,10 @@ class Trainer:
             self._save_state(epoch, best, best_epoch, history, since_best)
             val = f"val_jaccard={metrics['val_jaccard']:.4f} " if validated else ""
             if dist.is_main():
+                mem = (f" gpu_peak_gb={torch.cuda.max_memory_allocated(self.device) / 1e9:.2f}"
+                       if self.device.type == "cuda" else "")
                 print(f"epoch {epoch}/{cfg.epochs} train_loss={metrics['train_loss']:.4f} {val}"
-                      f"chips/s={metrics['chips_per_s']:.2f}", flush=True)
+                      f"chips/s={metrics['chips_per_s']:.2f}{mem}", flush=True)
             if validated and cfg.early_stopping and since_best >= cfg.early_stopping:
                 stopped_early = True
                 break
@@ -435,7 +458,7 @@ class Trainer:
             ev = kept_ev
         else:
             ev = evaluate(self.model, self.val_ds, self.device, self.dtype, cfg.threshold, cfg.val_batch_size,
-                          self.channels_last, keep_probs=plot_ids)
+                          self.channels_last, keep_probs=plot_ids, num_workers=cfg.num_workers)
         fixed = ev
         threshold = cfg.threshold
         if cfg.tune_threshold:
@@ -445,7 +468,7 @@ class Trainer:
                 threshold = cfg.threshold
         if threshold != cfg.threshold:
             ev = evaluate(self.model, self.val_ds, self.device, self.dtype, threshold, cfg.val_batch_size,
-                          self.channels_last, keep_probs=plot_ids)
+                          self.channels_last, keep_probs=plot_ids, num_workers=cfg.num_workers)
         final = self._checkpoint(ckpt["epoch"], threshold, {"best_val_jaccard": best, "val_jaccard_at_threshold":
                                                             ev.jaccard})
         path = self.state_dir / "best.pt"

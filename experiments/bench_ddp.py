@@ -1,12 +1,14 @@
-"""Does a second rank pay? chips/s of the default recipe with 2 ranks x 1 thread over 1 rank x 1 thread.
+"""Does a second rank pay? chips/s with 2 ranks x 1 thread over 1 rank x 1 thread, for each of two recipes: the
+default one, and the same with the GPU recipes' EfficientNet encoder (``efficientnet-b1``, as in gpu.yaml and
+full.yaml), whose unused classifier head once made DDP fail at its second step.
 
     python experiments/bench_ddp.py [--config experiments/configs/default.yaml] [--steps 8] [--ranks 2]
-        [--set key=value]...
+        [--recipes default,efficientnet] [--set key=value]...
 
 Both sides train the same global batch (``batch_size``; each of N ranks takes ``batch_size / N``) with one torch
 thread per rank, on the config's data, with the real ``Trainer`` (data loading, augmentation, DDP's gradient
 all-reduce); one warm-up epoch, then one timed epoch of ``--steps`` optimiser steps. No MLflow. Last line:
-``ddp_speedup=<chips/s with N ranks / chips/s with 1>``.
+``ddp_speedup=<chips/s with N ranks / chips/s with 1>``, the smallest over the recipes measured.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from pathlib import Path
 
 from cloudseg.paths import CONFIGS_DIR
 
+# recipe name -> config overrides on top of --config and --set
+RECIPES = {"default": [], "efficientnet": ["encoder=efficientnet-b1"]}
+
 
 def worker(args: argparse.Namespace) -> None:
     """One rank (or the single process): warm up, time one epoch, rank 0 prints its chips/s as JSON."""
@@ -32,9 +37,9 @@ def worker(args: argparse.Namespace) -> None:
     from cloudseg.data.sources import fold_ids, load_split
     from cloudseg.training import Trainer
 
-    dist.setup()
     torch.set_num_threads(1)
     cfg = load_config(args.config, args.sets)
+    dist.setup(cfg.device)
     cfg = apply_overrides(cfg, {"steps_per_epoch": args.steps, "epochs": 2, "num_threads": 1}, "bench_ddp")
     root, split = load_split(cfg)
     train_ids, val_ids = fold_ids(cfg, split)
@@ -54,9 +59,9 @@ def worker(args: argparse.Namespace) -> None:
     dist.teardown()
 
 
-def measure(args: argparse.Namespace, ranks: int) -> dict:
+def measure(args: argparse.Namespace, ranks: int, recipe: str) -> dict:
     me = [str(Path(__file__).resolve()), "--worker", "--config", str(args.config), "--steps", str(args.steps)]
-    me += [x for s in args.sets for x in ("--set", s)]
+    me += [x for s in [*RECIPES[recipe], *args.sets] for x in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     if ranks == 1:
         cmd = [sys.executable, *me]
@@ -64,7 +69,7 @@ def measure(args: argparse.Namespace, ranks: int) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *me]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
-        raise SystemExit(f"{ranks} rank(s) failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+        raise SystemExit(f"{recipe}: {ranks} rank(s) failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
     return json.loads([line for line in res.stdout.splitlines() if line.startswith("{")][-1])
 
 
@@ -73,18 +78,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=CONFIGS_DIR / "default.yaml")
     p.add_argument("--steps", type=int, default=8, help="timed optimiser steps (after one warm-up epoch)")
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(RECIPES)}")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
-    one = measure(args, 1)
-    many = measure(args, args.ranks)
-    print(f"{'ranks x threads':16s} {'chips/s':>8s} {'wall_s':>8s}")
-    for r in (one, many):
-        print(f"{str(r['ranks']) + ' x 1':16s} {r['chips_per_s']:8.3f} {r['wall_s']:8.2f}")
-    print(f"ddp_speedup={many['chips_per_s'] / one['chips_per_s']:.3f}")
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if not recipes or unknown:
+        p.error(f"--recipes {args.recipes!r}: choose from {', '.join(RECIPES)}")
+    speedups = {}
+    print(f"{'recipe':14s} {'ranks x threads':16s} {'chips/s':>8s} {'wall_s':>8s} {'speed-up':>9s}")
+    for recipe in recipes:
+        one = measure(args, 1, recipe)
+        many = measure(args, args.ranks, recipe)
+        speedups[recipe] = many["chips_per_s"] / one["chips_per_s"]
+        for r, up in ((one, ""), (many, f"{speedups[recipe]:.3f}")):
+            ranks = f"{r['ranks']} x 1"
+            print(f"{recipe:14s} {ranks:16s} {r['chips_per_s']:8.3f} {r['wall_s']:8.2f} {up:>9s}", flush=True)
+    print(f"ddp_speedup={min(speedups.values()):.3f}")
     return 0
 
 

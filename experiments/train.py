@@ -75,9 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     from cloudseg import tracking
     from cloudseg.data import sources
     from cloudseg.data.validate import DatasetError
+    from cloudseg.devices import DeviceError, resolve_device
     from cloudseg.tracking import runs
 
-    dist.setup()  # torchrun: join the process group; a plain run: nothing
+    try:  # a GPU this torch build cannot drive is refused here, with the fix, before any run opens
+        dist.setup(cfg.device)  # torchrun: join the group (NCCL where this rank uses a GPU, else gloo)
+        resolve_device(cfg.device, dist.local_rank())
+    except DeviceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     refused = (ConfigError, runs.RunError, DatasetError, FileNotFoundError, ValueError)
     what = f"--resume {args.resume}" if args.resume else "error"
     problem, prepared = None, None

@@ -74,3 +74,47 @@ def test_seeded_augmentation_repeats_and_other_seeds_differ():
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
     assert any(not np.array_equal(x, z) for x, z in zip(a, c))
+
+
+def _draws(data, tmp_path, epochs=(1,), **kw) -> list[str]:
+    """Digests of the training images the real Trainer's loader yields for one chip: 8 an epoch, 2 workers."""
+    import hashlib
+
+    from cloudseg.config import Config
+    from cloudseg.data.validate import validate_split
+    from cloudseg.training import Trainer
+
+    cfg = Config(data=str(data), encoder="resnet18", crop_size=64, batch_size=1, steps_per_epoch=8,
+                 num_workers=2, num_threads=1, **kw)
+    split = validate_split(data, "train", labels=True, load=True)
+    trainer = Trainer(cfg, split, ["tr00"], ["tr01"], tmp_path / "state")
+    trainer.build()
+    out = []
+    for epoch in epochs:
+        trainer.epoch_sampler.set_epoch(epoch)
+        out += [hashlib.sha1(batch["image"].numpy().tobytes()).hexdigest()[:12] for batch in trainer.train_loader]
+    return out
+
+
+def test_loader_workers_draw_distinct_augmentations_and_repeat_them_on_a_rerun(tiny_data, tmp_path):
+    """With 2 workers, 8 draws of one chip are 8 distinct images (a worker that copies its parent's generator
+    replays it: 4), each epoch draws anew, and the same config draws the same on a re-run."""
+    first = _draws(tiny_data, tmp_path, epochs=(1, 2))
+    assert len(first) == 16
+    assert len(set(first[:8])) == 8, "two workers repeated each other's augmentations"
+    assert len(set(first)) == 16, "epoch 2 repeated epoch 1's augmentations"
+    assert _draws(tiny_data, tmp_path / "again", epochs=(1, 2)) == first
+    assert set(_draws(tiny_data, tmp_path / "seed1", seed=1)).isdisjoint(first[:8])
+
+
+def test_worker_seeds_differ_by_each_of_seed_rank_epoch_and_worker():
+    from cloudseg.data.transforms import worker_seed
+
+    base = (0, 0, 1, 0)
+    seeds = {worker_seed(*base)}
+    for i in range(4):
+        changed = list(base)
+        changed[i] += 1
+        seeds.add(worker_seed(*changed))
+    assert len(seeds) == 5 and worker_seed(*base) == worker_seed(*base)
+    assert worker_seed(-1, 0, 1, 0) != worker_seed(1, 0, 1, 0)

@@ -247,3 +247,26 @@ def test_checkpoint_trained_here_loads_and_predicts_the_same_in_smp_021(tmp_path
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["smp"] == "0.2.1"
     assert result["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("encoder, head", [
+    ("efficientnet-b1", ["encoder._conv_head.weight", "encoder._bn1.weight", "encoder._bn1.bias"]),
+    ("efficientnet-b4", ["encoder._conv_head.weight", "encoder._bn1.weight", "encoder._bn1.bias"]),
+    ("timm-efficientnet-b0", ["encoder.conv_head.weight", "encoder.bn2.weight", "encoder.bn2.bias"]),
+    ("resnet18", []),
+])
+def test_parameters_the_forward_never_reaches_are_frozen_and_kept(encoder, head):
+    """smp's EfficientNet encoders keep the ImageNet classifier's last conv and BatchNorm, which a segmentation
+    forward never reaches: DDP fails on them unless they take no gradient. They stay in the state dict."""
+    from cloudseg.models import freeze_unused
+
+    torch.manual_seed(0)
+    model = build_model("Unet", encoder)
+    keys = list(model.state_dict())
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    assert freeze_unused(model) == head
+    assert model.training and list(model.state_dict()) == keys  # checkpoints keep their layout
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())  # the probe moved no statistic
+    model(torch.randn(2, 4, 64, 64)).mean().backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert all(p.grad is None for n, p in model.named_parameters() if n in head)

@@ -286,3 +286,28 @@ def test_a_chip_folder_whose_name_is_not_utf8_is_read(tmp_path, checkpoint, good
     assert (preds / f"{odd}.tif").is_file()
     np.testing.assert_array_equal(read_prediction(preds / f"{odd}.tif"), read_prediction(preds / "te00.tif"))
     assert not [ln for ln in lines if ln.startswith("ERROR")], lines
+
+
+def test_a_failed_batch_is_retried_chip_by_chip_after_its_memory_is_released(monkeypatch):
+    """A CUDA out-of-memory retried inside the ``except`` block would find the failed forward's tensors still held
+    by the traceback, and fail again; each retry must start with them released."""
+    import weakref
+
+    spec = importlib.util.spec_from_file_location("submission_main_oom", MAIN_TEMPLATE)
+    main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main)
+    held, released = [], []
+
+    def predict_masks(members, x, views, threshold, amp):
+        if x.shape[0] > 1:
+            activations = torch.zeros(1 << 16)  # what the failed forward had allocated
+            held.append(weakref.ref(activations))
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        released.append(held[0]() is None)
+        return [np.ones((512, 512), dtype=np.uint8)]
+
+    monkeypatch.setattr(main, "predict_masks", predict_masks)
+    batch = main.Batch(["a", "b"], [[], []], [0, 1], torch.zeros(2, 4, 8, 8))
+    masks = main.predict_batch(batch, [], [], 0.5, False, torch.device("cpu"))
+    assert released == [True, True]
+    assert all(int(m.sum()) == 512 * 512 for m in masks) and batch.problems == [[], []]

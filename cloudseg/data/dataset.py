@@ -8,9 +8,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
-from cloudseg.data.transforms import Normalization, apply_transform
+from cloudseg.data.transforms import Normalization, apply_transform, worker_seed
 from cloudseg.data.validate import ValidatedSplit, validate_split
 
 
@@ -23,6 +23,9 @@ class ChipDataset(Dataset):
         ids: The chip ids this dataset serves (defaults to all of the split).
         transform: albumentations transform applied to image and mask together (before normalisation).
         normalization: uint16 -> float32 mapping.
+        augment_seed: ``(config seed, rank)``. In a DataLoader worker, given ``(index, epoch)`` pairs (an
+            ``EpochSampler``), the transform is reseeded from (seed, rank, epoch, worker id) at the worker's first
+            chip of each epoch. In the main process the transform keeps drawing from its own generators.
     """
 
     def __init__(
@@ -31,6 +34,7 @@ class ChipDataset(Dataset):
         ids: list[str] | None = None,
         transform: Callable | None = None,
         normalization: Normalization | None = None,
+        augment_seed: tuple[int, int] | None = None,
     ):
         self.split = split
         self.ids = list(split.ids if ids is None else ids)
@@ -40,6 +44,8 @@ class ChipDataset(Dataset):
             raise KeyError(f"chip ids not in {split.root} ({split.split}): {unknown[:10]}")
         self.transform = transform
         self.normalization = normalization or Normalization()
+        self.augment_seed = augment_seed
+        self._seeded: tuple[int, int] | None = None  # (epoch, worker id) the transform was last seeded for
 
     @classmethod
     def from_folder(cls, root: Path | str, split: str = "train", **kwargs) -> "ChipDataset":
@@ -53,7 +59,18 @@ class ChipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> dict:
+    def _seed_worker(self, epoch: int) -> None:
+        info = get_worker_info()
+        if info is None or self.transform is None or self.augment_seed is None:
+            return
+        if self._seeded != (epoch, info.id):
+            self.transform.set_random_seed(worker_seed(*self.augment_seed, epoch, info.id))
+            self._seeded = (epoch, info.id)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        if isinstance(index, tuple):  # (index, epoch) from an EpochSampler
+            index, epoch = index
+            self._seed_worker(epoch)
         chip_id = self.ids[index]
         image = self.split.image(chip_id)
         mask = self.split.mask(chip_id) if self.has_labels else None
@@ -63,3 +80,24 @@ class ChipDataset(Dataset):
         if mask is not None:
             sample["mask"] = torch.from_numpy(mask.astype(np.float32)[None])
         return sample
+
+
+class EpochSampler(Sampler):
+    """Another sampler's indices, each paired with the epoch: ``(index, epoch)``. The epoch travels with every
+    index into the DataLoader's workers (persistent ones included), where ``ChipDataset`` reseeds its
+    augmentation for it; no state is shared between processes."""
+
+    def __init__(self, base: Sampler):
+        self.base, self.epoch = base, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call before iterating an epoch's loader."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        epoch = self.epoch
+        for index in self.base:
+            yield index, epoch
+
+    def __len__(self) -> int:
+        return len(self.base)

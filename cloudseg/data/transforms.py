@@ -103,6 +103,14 @@ def build_train_transform(crop_size: int | None, strength: float = 0.0, seed: in
     return A.Compose(ops, seed=seed)
 
 
+def worker_seed(seed: int, rank: int, epoch: int, worker: int) -> int:
+    """The augmentation seed of one DataLoader worker in one epoch: distinct for every (config seed, rank, epoch,
+    worker id), the same on a re-run. Without it each worker replays a copy of the parent's generator, so with
+    two workers 8 draws of one chip are 4 distinct images."""
+    entropy = [seed % 2**64, rank, epoch, worker]  # SeedSequence mixes the four into well-separated streams
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+
+
 _PIXEL_EXACT = (A.RandomCrop, A.D4)  # transforms that only move pixels: any dtype, the same values
 
 

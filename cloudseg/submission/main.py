@@ -683,17 +683,25 @@ def predict_batch(batch: Batch, members: Sequence[Member], views: Sequence[View]
             problems.append("no readable band: all-zero prediction")
     if batch.x is None:
         return masks
+    failed = None
     try:
         out = predict_masks(members, batch.x.to(device, non_blocking=True), views, threshold, amp)
         for j, i in enumerate(batch.good):
             masks[i] = out[j]
     except Exception as exc:
-        log("batch of %d chips failed (%s): retrying chip by chip" % (len(batch.good), _reason(exc)))
-        for j, i in enumerate(batch.good):
-            try:
-                masks[i] = predict_masks(members, batch.x[j:j + 1].to(device), views, threshold, amp)[0]
-            except Exception as exc2:
-                batch.problems[i].append("model failed (%s): all-zero prediction" % _reason(exc2))
+        failed = _reason(exc)
+    if failed is None:
+        return masks
+    # Retried here, after the except block: inside it the exception's traceback still holds the failed forward's
+    # frames and their tensors, so a CUDA out-of-memory would find the memory it ran out of still taken.
+    log("batch of %d chips failed (%s): retrying chip by chip" % (len(batch.good), failed))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    for j, i in enumerate(batch.good):
+        try:
+            masks[i] = predict_masks(members, batch.x[j:j + 1].to(device), views, threshold, amp)[0]
+        except Exception as exc2:
+            batch.problems[i].append("model failed (%s): all-zero prediction" % _reason(exc2))
     return masks
 
 

@@ -267,9 +267,6 @@ def train_fold(cfg: Config, root: Path, split: ValidatedSplit, kind: str = "trai
                     "cloudseg.data_mode": "memory" if split.in_memory else "disk"}
         run_tags.update(tags or {})
         run_id = start_run(cfg, kind, run_tags, parent_run_id)
-    import torch
-
-    client.set_tag(run_id, "cloudseg.device", "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     print(f"run {run_id}: fold {cfg.fold} with {len(train_ids)} training / {len(val_ids)} validation chips",
           flush=True)
     if on_start is not None:
@@ -281,6 +278,8 @@ def train_fold(cfg: Config, root: Path, split: ValidatedSplit, kind: str = "trai
                 _watch_ranks(run_id, state_dir):
             trainer = Trainer(cfg, split, train_ids, val_ids, state_dir,
                               [tracking.EpochLogger(run_id), *(callbacks or [])], init_weights=init_weights)
+            for key, value in trainer.describe().items():  # what device=auto and precision=auto resolved to
+                client.set_tag(run_id, key, value)
             result = trainer.fit()
             metrics = _log_fit(run_id, cfg, split, result)
     except killed:  # a pruned trial is over for good: nothing will resume it
