@@ -33,7 +33,7 @@ VIEW_KEY = "cloudseg"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 VIEW_COLUMNS = (
     *(f"metrics.`{m}`" for m in ("best_val_jaccard", "val_jaccard", "cv_jaccard", "cv_jaccard_clean",
-                                 "cv_jaccard_mean", "cv_jaccard_sd", "threshold")),
+                                 "cv_jaccard_mean", "cv_jaccard_sd", "threshold_tuned")),
     *(f"params.`{p}`" for p in ("arch", "encoder", "loss", "lr", "crop_size", "epochs", "bands", "seed")),
     "tags.`cloudseg.kind`", "tags.`cloudseg.study`",
 )
@@ -231,6 +231,12 @@ def run_status(run_id: str, killed: tuple[type[BaseException], ...] = (),
         client.set_terminated(run_id, "FINISHED")
 
 
+# the training loop's per-epoch figures -> their MLflow names; the scheduled lr is ``lr_now`` because ``lr`` is the
+# config's param (runs logged before the rename hold a metric ``lr``: ``cloudseg.analysis.RENAMED_METRICS``)
+EPOCH_METRICS = {"train_loss": "train_loss", "val_jaccard": "val_jaccard", "lr": "lr_now",
+                 "chips_per_s": "chips_per_s"}
+
+
 class EpochLogger:
     """Training callback: logs each epoch's metrics with step = epoch and refreshes the heartbeat tag."""
 
@@ -242,9 +248,8 @@ class EpochLogger:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        names = ("train_loss", "val_jaccard", "lr", "chips_per_s")
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(metrics[k]), ts, epoch) for k in names
-                                                     if k in metrics])
+        self.client.log_batch(self.run_id, metrics=[Metric(EPOCH_METRICS[k], float(metrics[k]), ts, epoch)
+                                                     for k in EPOCH_METRICS if k in metrics])
         self.client.set_tag(self.run_id, "cloudseg.heartbeat", str(int(time.time())))
 
 

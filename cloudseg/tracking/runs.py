@@ -201,7 +201,8 @@ def _log_fit(run_id: str, cfg: Config, split: ValidatedSplit, result: FitResult)
     from cloudseg import plots
 
     client = MlflowClient()
-    metrics = {"best_val_jaccard": result.best_val_jaccard, "threshold": result.threshold,
+    # ``threshold_tuned``, not ``threshold``: that name is the config's param (the threshold asked for)
+    metrics = {"best_val_jaccard": result.best_val_jaccard, "threshold_tuned": result.threshold,
                "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "wall_s": result.wall_s,
                "val_jaccard_at_threshold": result.final_eval.jaccard}
     for k, v in metrics.items():
