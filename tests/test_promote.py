@@ -208,3 +208,15 @@ def test_promote_registers_a_model_version_and_moves_the_alias(store, capsys):
     assert str(client.get_model_version_by_alias("reg", "staging").version) == "3"
     assert str(client.get_model_version_by_alias("reg", "champion").version) == "2"
     assert "models:/reg@staging" in capsys.readouterr().out
+
+
+def test_a_pruned_trial_is_never_promoted(store, capsys):
+    """A pruned trial ends FINISHED (cloudseg.pruned=true); even one holding a better figure and a checkpoint is
+    passed over, and naming it is refused."""
+    pruned = fake_run(store, 0.99, kind="trial", tags={"cloudseg.study": "p", "cloudseg.trial": "0",
+                                                      "cloudseg.pruned": "true"})
+    done = fake_run(store, 0.50, kind="trial", tags={"cloudseg.study": "p", "cloudseg.trial": "1"})
+    assert promote.main(["--study", "p", "--name", "p", "--no-register"]) == 0
+    assert f"promoted run {done}" in capsys.readouterr().out
+    assert promote.main(["--run-id", pruned, "--name", "p", "--no-register"]) == 2
+    assert "is a pruned trial (tag cloudseg.pruned=true)" in capsys.readouterr().err

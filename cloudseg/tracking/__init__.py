@@ -38,6 +38,7 @@ VIEW_COLUMNS = (
     "tags.`cloudseg.kind`", "tags.`cloudseg.study`",
 )
 VIEW_STATE = json.dumps({"selectedColumns": ["attributes.`Run Name`", *VIEW_COLUMNS]})
+PRUNED_TAG = "cloudseg.pruned"  # "true" on trials the pruner stopped (FINISHED, never promoted)
 STALE_AFTER_S = float(os.environ.get("CLOUDSEG_STALE_AFTER_S", 6 * 3600))  # heartbeat age that marks a remote run dead
 
 
@@ -205,16 +206,23 @@ def close_stale_runs(experiment_ids: list[str] | None = None, extra_dead: set[st
 
 
 @contextlib.contextmanager
-def run_status(run_id: str, killed: tuple[type[BaseException], ...] = (),
+def run_status(run_id: str, pruned: tuple[type[BaseException], ...] = (),
                failure: Callable[[], str | None] | None = None) -> Iterator[None]:
-    """End ``run_id`` FINISHED on success, KILLED on interruption (Ctrl-C, SIGTERM) or on an exception of the
-    ``killed`` types (e.g. a pruned trial), FAILED on any other error. ``failure`` says why an interruption is a
-    failure after all (under torchrun: another rank raised, and torchrun stopped this one)."""
+    """End ``run_id`` FINISHED on success, KILLED on interruption (Ctrl-C, SIGTERM), FAILED on any other error.
+    An exception of the ``pruned`` types (a trial the pruner stopped) ends it FINISHED with the tags
+    ``cloudseg.pruned=true`` and ``cloudseg.pruned_why``: it did what was asked of it, so it is neither a crash nor an
+    interruption. ``failure`` says why an interruption is a failure after all (under torchrun: another rank raised,
+    and torchrun stopped this one). The exception is raised again in every case but success."""
     client = MlflowClient()
     try:
         with sigterm_as_interrupt():
             yield
-    except (KeyboardInterrupt, *killed):
+    except pruned as exc:
+        client.set_tag(run_id, PRUNED_TAG, "true")
+        client.set_tag(run_id, "cloudseg.pruned_why", str(exc)[:500] or type(exc).__name__)
+        client.set_terminated(run_id, "FINISHED")
+        raise
+    except KeyboardInterrupt:
         why = failure() if failure is not None else None
         if why:
             client.set_tag(run_id, "cloudseg.error", why[:4000])

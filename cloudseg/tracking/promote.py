@@ -82,6 +82,11 @@ def model_runs(client, run) -> list[str]:
     return [rid for k in kids for rid in model_runs(client, k)]
 
 
+def _pruned(run) -> bool:
+    """A trial the pruner stopped: FINISHED, but never a model to promote."""
+    return run.data.tags.get("cloudseg.pruned") == "true"
+
+
 def select_runs(client, args: argparse.Namespace) -> list[tuple[object, str]]:
     """(run, metric) pairs to promote, best first. Raises PromoteError on an empty or invalid selection."""
     from mlflow.exceptions import MlflowException
@@ -98,6 +103,9 @@ def select_runs(client, args: argparse.Namespace) -> list[tuple[object, str]]:
             metric = args.metric or default_metric(run)
             if run.info.status != "FINISHED":
                 raise PromoteError(f"run {rid} is {run.info.status}, not FINISHED: only completed runs are promoted")
+            if _pruned(run):
+                raise PromoteError(f"run {rid} is a pruned trial (tag cloudseg.pruned=true): it stopped before its "
+                                   "last epoch; promote a trial that completed")
             if metric not in run.data.metrics:
                 raise PromoteError(f"run {rid} has no metric {metric!r}; it has {sorted(run.data.metrics)}")
             chosen.append((run, metric))
@@ -116,7 +124,7 @@ def select_runs(client, args: argparse.Namespace) -> list[tuple[object, str]]:
         filters.append("tags.`cloudseg.kind` = 'trial'")
     runs = client.search_runs(exp_ids, " and ".join(filters), max_results=5000,
                               order_by=[f"metrics.`{metric}` DESC"])
-    runs = [r for r in runs if metric in r.data.metrics and "cloudseg.kind" in r.data.tags]
+    runs = [r for r in runs if metric in r.data.metrics and "cloudseg.kind" in r.data.tags and not _pruned(r)]
     if metric.endswith("_mean"):
         runs = [r for r in runs if r.data.tags["cloudseg.kind"] == "repeat"]
     elif metric.startswith("cv_jaccard"):

@@ -249,11 +249,12 @@ def start_run(cfg: Config, kind: str, tags: dict | None = None, parent_run_id: s
 
 def train_fold(cfg: Config, root: Path, split: ValidatedSplit, kind: str = "train", tags: dict | None = None,
                parent_run_id: str | None = None, callbacks: list | None = None,
-               resume_run_id: str | None = None, killed: tuple[type[BaseException], ...] = (),
+               resume_run_id: str | None = None, pruned: tuple[type[BaseException], ...] = (),
                on_start=None, init_weights: Path | None = None) -> RunOutcome:
     """Train ``cfg.fold`` as one MLflow run, from ``init_weights`` (a checkpoint file) when given.
-    ``resume_run_id`` continues that run from its last state. Under torchrun rank 0 owns the run and the other
-    ranks train beside it (``_follow_fold``)."""
+    ``resume_run_id`` continues that run from its last state. An exception of the ``pruned`` types raised by a
+    callback (a pruned trial) ends the run FINISHED with ``cloudseg.pruned=true`` (``tracking.run_status``).
+    Under torchrun rank 0 owns the run and the other ranks train beside it (``_follow_fold``)."""
     if not dist.is_main():
         return _follow_fold(cfg, split, init_weights)
     client = MlflowClient()
@@ -278,13 +279,13 @@ def train_fold(cfg: Config, root: Path, split: ValidatedSplit, kind: str = "trai
     dist.broadcast(run_id)
     state_dir = state_root() / run_id
     try:
-        with tracking.run_status(run_id, killed, failure=lambda: _rank_failure(state_dir)), \
+        with tracking.run_status(run_id, pruned, failure=lambda: _rank_failure(state_dir)), \
                 _watch_ranks(run_id, state_dir):
             trainer = Trainer(cfg, split, train_ids, val_ids, state_dir,
                               [tracking.EpochLogger(run_id), *(callbacks or [])], init_weights=init_weights)
             result = trainer.fit()
             metrics = _log_fit(run_id, cfg, split, result)
-    except killed:  # a pruned trial is over for good: nothing will resume it
+    except pruned:  # a pruned trial is over for good: nothing will resume it
         shutil.rmtree(state_dir, ignore_errors=True)
         raise
     # FINISHED: the model is the run's checkpoint artifact, and a finished run is never resumed, so the local

@@ -306,16 +306,13 @@ def trial_objective(study: optuna.Study, cfg: Config, space: dict, root: Path, s
     """The objective of ``experiments/sweep.py``: one nested MLflow training run per trial.
 
     Each epoch's ``val_jaccard`` goes to the pruner; a pruned trial raises ``optuna.TrialPruned`` and its run ends
-    KILLED with ``cloudseg.pruned=true``; a trial that raises keeps its error in the user attribute ``error``.
+    FINISHED with ``cloudseg.pruned=true``; a trial that raises keeps its error in the user attribute ``error``
+    (its run ends FAILED), and an interrupted one ends KILLED.
     With ``n_trials``, a trial started when the study already has that many raises ``SurplusTrial``.
     Returns the trial's ``best_val_jaccard``.
     """
-    from mlflow.tracking import MlflowClient
-
     from cloudseg.config import apply_overrides
     from cloudseg.tracking.runs import train_fold
-
-    client = MlflowClient()
 
     def objective(trial: optuna.Trial) -> float:
         if n_trials is not None and in_flight_before(study, trial.number) >= n_trials:
@@ -333,11 +330,10 @@ def trial_objective(study: optuna.Study, cfg: Config, space: dict, root: Path, s
 
         tags = {"cloudseg.study": study_name, "cloudseg.trial": str(trial.number)}
         try:
-            out = train_fold(tcfg, root, split, "trial", tags, parent, [report], killed=(optuna.TrialPruned,),
+            out = train_fold(tcfg, root, split, "trial", tags, parent, [report], pruned=(optuna.TrialPruned,),
                              on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
                              init_weights=init_weights)
-        except optuna.TrialPruned:
-            client.set_tag(trial.user_attrs["mlflow_run_id"], "cloudseg.pruned", "true")
+        except optuna.TrialPruned:  # not an error: its run ended FINISHED, tagged pruned
             raise
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
