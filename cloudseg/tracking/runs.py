@@ -17,6 +17,7 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,8 +229,9 @@ def _log_fit(run_id: str, cfg: Config, split: ValidatedSplit, result: FitResult)
 
 
 def start_run(cfg: Config, kind: str, tags: dict | None = None, parent_run_id: str | None = None,
-              run_name: str | None = None) -> str:
-    """Create an MLflow run with the standard tags, every config value as a param and ``config.json``."""
+              run_name: str | None = None, left_out: Collection[str] = ()) -> str:
+    """Create an MLflow run with the standard tags, every config value as a param (but the keys ``left_out``: a
+    sweep run writes the keys its study varies later, from its best trial) and ``config.json``."""
     exp_id = tracking.setup(cfg.experiment)
     all_tags = tracking.base_tags(kind)
     all_tags.update(tags or {})
@@ -242,7 +244,7 @@ def start_run(cfg: Config, kind: str, tags: dict | None = None, parent_run_id: s
         name = f"{all_tags.get('cloudseg.study', 'study')}-trial{all_tags['cloudseg.trial']}"
     run = client.create_run(exp_id, tags=all_tags, run_name=name)
     run_id = run.info.run_id
-    tracking.log_params(run_id, cfg.to_dict())
+    tracking.log_params(run_id, {k: v for k, v in cfg.to_dict().items() if k not in left_out})
     tracking.log_json(run_id, cfg.to_dict(), "config.json")
     return run_id
 
