@@ -25,19 +25,8 @@ from mlflow.tracking import MlflowClient
 import cloudseg
 from cloudseg.paths import MLARTIFACTS, REPO_ROOT, tracking_uri
 
-# MLflow 3's UI opens an experiment in its GenAI view (traces) unless it is tagged as model training
+# the experiment's kind for MLflow 3 (its 3.17 UI still keeps the workflow it opens in the browser: tracking/ui.py)
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
-# A runs-table view stored on each experiment (MLflow's "shared view": ``?viewStateShareKey=cloudseg`` opens it):
-# MLflow 3.17 shows no metric or parameter column by default, so a sweep reads as one collapsed row without figures
-VIEW_KEY = "cloudseg"
-VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
-VIEW_COLUMNS = (
-    *(f"metrics.`{m}`" for m in ("best_val_jaccard", "val_jaccard", "cv_jaccard", "cv_jaccard_clean",
-                                 "cv_jaccard_mean", "cv_jaccard_sd", "threshold_tuned")),
-    *(f"params.`{p}`" for p in ("arch", "encoder", "loss", "lr", "crop_size", "epochs", "bands", "seed")),
-    "tags.`cloudseg.kind`", "tags.`cloudseg.study`",
-)
-VIEW_STATE = json.dumps({"selectedColumns": ["attributes.`Run Name`", *VIEW_COLUMNS]})
 PRUNED_TAG = "cloudseg.pruned"  # "true" on trials the pruner stopped (FINISHED, never promoted)
 STALE_AFTER_S = float(os.environ.get("CLOUDSEG_STALE_AFTER_S", 6 * 3600))  # heartbeat age that marks a remote run dead
 
@@ -79,12 +68,18 @@ def setup(experiment: str) -> str:
     With a local store, artifacts go to ``mlartifacts/<experiment>`` under the repository root (never to the
     current directory); a tracking server decides its own artifact root.
     """
+    from cloudseg.tracking import ui
+
     uri = connect()
     exp = mlflow.get_experiment_by_name(experiment)
-    if exp is not None:
-        for key, value in ((EXPERIMENT_KIND_TAG, EXPERIMENT_KIND), (VIEW_TAG, VIEW_STATE)):
-            if exp.tags.get(key) != value:
-                MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
+    if exp is not None:  # an experiment made by an older cloudseg gets this one's tags and view
+        client = MlflowClient()
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        if not ui.view_is_current(exp.tags.get(ui.VIEW_TAG)):
+            client.set_experiment_tag(exp.experiment_id, ui.VIEW_TAG, ui.view_tag_value())
+        if not exp.tags.get(ui.DESCRIPTION_TAG):  # a description of the user's own stays
+            client.set_experiment_tag(exp.experiment_id, ui.DESCRIPTION_TAG, ui.DESCRIPTION)
         return exp.experiment_id
     location = None
     if not uri.startswith(("http://", "https://", "databricks")):
@@ -92,7 +87,8 @@ def setup(experiment: str) -> str:
         location = (artifacts_root() / safe).resolve().as_uri()
     try:
         return mlflow.create_experiment(experiment, artifact_location=location,
-                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, VIEW_TAG: VIEW_STATE})
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, ui.VIEW_TAG: ui.view_tag_value(),
+                                              ui.DESCRIPTION_TAG: ui.DESCRIPTION})
     except Exception:  # another worker created it in between
         exp = mlflow.get_experiment_by_name(experiment)
         if exp is None:
