@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from cloudseg.paths import MLFLOW_DB  # noqa: E402
 
 EXPERIMENT, MODEL = "demo", "demo"
-WIDTH, HEIGHT = 1600, 760
+WIDTH, HEIGHT = 1720, 760
 
 
 def copy_store(src: Path, dst: Path) -> Path:
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             close = page.locator("[data-component-id='mlflow.assistant.chat_panel.close']")
             if close.count():  # MLflow's assistant opens beside everything on a first visit; a user closes it once
                 close.first.click()
+            page.get_by_role("button", name="Toggle sidebar").click()  # the table gets the width
             step(f"experiments list -> {EXPERIMENT}")
             page.get_by_role("link", name=EXPERIMENT, exact=True).click()
             page.wait_for_url(re.compile(r"/#/experiments/\d+/runs\?"))
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             page.locator(".ag-row", has_text=f"{EXPERIMENT}-trial0").first.wait_for()
             shoot(page, args.out / "mlflow-runs-view.png")
             step("the chart view")
-            page.locator("input[value=CHART]").locator("xpath=..").click()
+            page.locator("input[value=CHART]").locator("xpath=..").click(force=True)  # its icon takes the click
+            page.get_by_placeholder("Search metric charts").fill("val_jaccard")  # the figures per epoch
             page.locator("canvas, svg.main-svg").first.wait_for()
             shoot(page, args.out / "mlflow-charts.png")
             step(f"Model registry -> {MODEL} -> its champion version")

@@ -239,7 +239,7 @@ def test_registered_version_comes_from_the_run_that_trained_it(store, capsys):
     manifest = json.loads((store / "submissions" / "reg" / "MANIFEST.json").read_text())
     text = version.description
     assert "**reg**" in text and f"`{trial}`" in text and "r-trial3" in text and "0.8000" in text
-    assert f"git commit: `{manifest['git_commit']}`" in text
+    assert f"Git commit: `{manifest['git_commit']}`" in text
     assert "cost: not estimated (MANIFEST.json has no cost block)" in text
 
     parent = fake_run(store, 0.77, kind="cv", checkpoint=False, metric="cv_jaccard")

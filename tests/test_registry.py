@@ -136,13 +136,21 @@ def test_experiments_are_model_training_with_a_runs_view_showing_the_figures(mlf
     assert {"metrics.`best_val_jaccard`", "metrics.`cv_jaccard`", "metrics.`threshold_tuned`", "params.`lr`",
             "tags.`cloudseg.pruned`"} <= set(columns)
     assert ui.view_columns(tags[ui.VIEW_TAG]) == columns and tags[ui.DESCRIPTION_TAG] == ui.DESCRIPTION
-    # an experiment of an older cloudseg (the bare view, no description) gets the current ones on next use; a
-    # description of the user's own stays
+    # an experiment of an older cloudseg (the bare view, an older description of cloudseg's) gets the current ones
+    # on next use, or when make ui starts (refresh_views); a description of the user's own stays
     client.set_experiment_tag(exp_id, ui.VIEW_TAG, json.dumps({"selectedColumns": ["metrics.`threshold`"]}))
-    client.set_experiment_tag(exp_id, ui.DESCRIPTION_TAG, "mine")
+    for tag in (ui.DESCRIPTION_TAG, ui.WROTE_DESCRIPTION_TAG):
+        client.set_experiment_tag(exp_id, tag, "cloudseg runs, as an older version put it")
     assert tracking.setup("viewed") == exp_id
     tags = client.get_experiment(exp_id).tags
-    assert ui.view_columns(tags[ui.VIEW_TAG]) == columns and tags[ui.DESCRIPTION_TAG] == "mine"
+    assert ui.view_columns(tags[ui.VIEW_TAG]) == columns and tags[ui.DESCRIPTION_TAG] == ui.DESCRIPTION
     written = tags[ui.VIEW_TAG]
     tracking.setup("viewed")  # a current view is not rewritten (its times would change on every run)
     assert client.get_experiment(exp_id).tags[ui.VIEW_TAG] == written
+    client.set_experiment_tag(exp_id, ui.VIEW_TAG, json.dumps({"selectedColumns": ["metrics.`threshold`"]}))
+    client.set_experiment_tag(exp_id, ui.DESCRIPTION_TAG, "mine")
+    other = client.create_experiment("not cloudseg's")
+    assert ui.refresh_views(mlflow_tmp) == ["viewed"]
+    tags = client.get_experiment(exp_id).tags
+    assert ui.view_columns(tags[ui.VIEW_TAG]) == columns and tags[ui.DESCRIPTION_TAG] == "mine"
+    assert ui.VIEW_TAG not in client.get_experiment(other).tags  # experiments of other tools are left alone

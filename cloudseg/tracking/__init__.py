@@ -73,22 +73,15 @@ def setup(experiment: str) -> str:
     uri = connect()
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:  # an experiment made by an older cloudseg gets this one's tags and view
-        client = MlflowClient()
-        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        if not ui.view_is_current(exp.tags.get(ui.VIEW_TAG)):
-            client.set_experiment_tag(exp.experiment_id, ui.VIEW_TAG, ui.view_tag_value())
-        if not exp.tags.get(ui.DESCRIPTION_TAG):  # a description of the user's own stays
-            client.set_experiment_tag(exp.experiment_id, ui.DESCRIPTION_TAG, ui.DESCRIPTION)
+        for key, value in ui.tags_to_update(exp.tags).items():
+            MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     location = None
     if not uri.startswith(("http://", "https://", "databricks")):
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
         location = (artifacts_root() / safe).resolve().as_uri()
     try:
-        return mlflow.create_experiment(experiment, artifact_location=location,
-                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, ui.VIEW_TAG: ui.view_tag_value(),
-                                              ui.DESCRIPTION_TAG: ui.DESCRIPTION})
+        return mlflow.create_experiment(experiment, artifact_location=location, tags=ui.tags_to_update({}))
     except Exception:  # another worker created it in between
         exp = mlflow.get_experiment_by_name(experiment)
         if exp is None:

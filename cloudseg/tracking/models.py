@@ -139,18 +139,19 @@ def version_description(manifest: dict, source_run_id: str, client: MlflowClient
     name = manifest.get("name", "?")
     members = manifest.get("runs", [])
     which = f", the best of its {len(members)} members" if len(members) > 1 else ""
-    lines = [f"cloudseg submission **{name}** (`{name}.zip`). Source run: `{source_run_id}` "
-             f"({run_label(source_run_id)[0]}{which}), the run that trained it.", "",
-             "| member | run | run name | model | best_val_jaccard | ranked by |", "|---|---|---|---|---|---|"]
+    source_name = run_label(source_run_id)[0]
+    lines = [f"cloudseg submission **{name}** (`{name}.zip`). Source run: {source_name} (`{source_run_id}`{which}), "
+             "the run that trained it.", "", "Members:"]
     described = {m.get("run_id"): m for m in manifest.get("members", [])}
     for i, r in enumerate(members):
         rid = r.get("run_id", "?")
         m = described.get(rid, {})
         run_name, best = run_label(rid)
-        lines.append(f"| {i} | `{rid}` | {run_name} | {m.get('arch', '?')} {m.get('encoder', '')} | {best} | "
-                     f"{r.get('metric', '?')}={float(r.get('value', float('nan'))):.4f} |")
+        lines.append(f"- model {i}: {run_name} (`{rid}`), {m.get('arch', '?')} {m.get('encoder', '')}, "
+                     f"best_val_jaccard {best}; ranked by {r.get('metric', '?')}="
+                     f"{float(r.get('value', float('nan'))):.4f}")
     dirty = " (uncommitted changes)" if manifest.get("git_dirty") else ""
-    lines += ["", f"git commit: `{manifest.get('git_commit', 'unknown')}`{dirty}", "",
+    lines += ["", f"Git commit: `{manifest.get('git_commit', 'unknown')}`{dirty}", "",
               cost_line(manifest.get("cost"))]
     return "\n".join(lines)
 

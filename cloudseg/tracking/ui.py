@@ -34,17 +34,19 @@ WAY_IN = "/cloudseg"  # the page make ui prints
 VIEW_KEY = "cloudseg"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 VIEW_NAME = "cloudseg"  # shown in the runs table's "Views" menu
+# few enough to read across a screen: the figures, the recipe keys a study or a comparison changes, the run's kind
+# (the UI shows a column only where some run has a value)
 VIEW_COLUMNS = (
-    *(f"metrics.`{m}`" for m in ("best_val_jaccard", "val_jaccard", "cv_jaccard", "cv_jaccard_clean",
-                                 "cv_jaccard_mean", "cv_jaccard_sd", "threshold_tuned")),
-    *(f"params.`{p}`" for p in ("arch", "encoder", "loss", "lr", "crop_size", "epochs", "bands", "seed")),
+    *(f"metrics.`{m}`" for m in ("best_val_jaccard", "cv_jaccard", "cv_jaccard_clean", "cv_jaccard_mean",
+                                 "cv_jaccard_sd", "threshold_tuned")),
+    *(f"params.`{p}`" for p in ("arch", "encoder", "loss", "lr", "epochs", "seed")),
     "tags.`cloudseg.kind`", "tags.`cloudseg.study`", "tags.`cloudseg.pruned`",
 )
 VIEW_STATE = json.dumps({"selectedColumns": ["attributes.`Run Name`", *VIEW_COLUMNS]})
 DESCRIPTION_TAG = "mlflow.note.content"  # an experiment's description in the UI
-DESCRIPTION = ("cloudseg runs. Columns: the saved view \"cloudseg\" (Views) shows each run's figures, recipe and "
-               "kind. A sweep row is one worker: its best trial's score and recipe; + opens its trials (pruned "
-               "ones are FINISHED with cloudseg.pruned=true).")
+WROTE_DESCRIPTION_TAG = "cloudseg.description"  # the description cloudseg last wrote: one that differs is the user's
+DESCRIPTION = ("cloudseg runs: a sweep row holds its best trial's score and recipe (+ opens its trials); "
+               "Views > cloudseg restores these columns.")
 # the UI's own localStorage keys (MLflow 3.17), which the way-in page writes
 WORKFLOW_KEY, WORKFLOW = "mlflow.workflowType_v1", "machine_learning"
 TABLE_STATE_KEY = 'MLflowLocalStorage-1.1-ExperimentPage-["{id}"]-ReactComponentState'
@@ -63,6 +65,22 @@ def view_is_current(value: str | None) -> bool:
     except ValueError:
         return False
     return isinstance(stored, dict) and stored.get("name") == VIEW_NAME and stored.get("state") == VIEW_STATE
+
+
+def tags_to_update(tags: dict[str, str]) -> dict[str, str]:
+    """The experiment tags that bring an experiment with ``tags`` to this version's kind, saved view and
+    description (a description the user wrote, one that is not what cloudseg last wrote, stays)."""
+    from cloudseg.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    out = {}
+    if tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        out[EXPERIMENT_KIND_TAG] = EXPERIMENT_KIND
+    if not view_is_current(tags.get(VIEW_TAG)):
+        out[VIEW_TAG] = view_tag_value()
+    ours = tags.get(DESCRIPTION_TAG) in (None, "", tags.get(WROTE_DESCRIPTION_TAG))
+    if ours and tags.get(DESCRIPTION_TAG) != DESCRIPTION:
+        out[DESCRIPTION_TAG] = out[WROTE_DESCRIPTION_TAG] = DESCRIPTION
+    return out
 
 
 def view_columns(value: str | None) -> list[str] | None:
@@ -117,6 +135,21 @@ def stored_views(tracking_uri: str) -> dict[str, list[str]]:
     return views
 
 
+def refresh_views(tracking_uri: str) -> list[str]:
+    """Give every experiment an older cloudseg made (it has the view tag) this version's view and description
+    (``tags_to_update``); returns their names. ``make ui`` calls it, so the page hands the browser the current columns whatever made the store."""
+    from mlflow.tracking import MlflowClient
+
+    client, refreshed = MlflowClient(tracking_uri), []
+    for exp in client.search_experiments(max_results=1000):
+        update = tags_to_update(exp.tags) if VIEW_TAG in exp.tags else {}
+        for key, value in update.items():
+            client.set_experiment_tag(exp.experiment_id, key, value)
+        if update:
+            refreshed.append(exp.name)
+    return refreshed
+
+
 def create_app(app=None):
     """The ``mlflow.app`` plugin: MLflow's own server plus the page ``/cloudseg``. Under uvicorn (MLflow's default
     server) it returns the FastAPI app MLflow builds around its Flask app, as MLflow's own auth plugin does."""
@@ -169,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
            "--port", str(port), "--backend-store-uri", uri,
            "--default-artifact-root", str(tracking.artifacts_root())]
     base = f"http://{args.host}:{port}"
+    try:
+        refreshed = refresh_views(uri)
+    except Exception as exc:  # a store this process cannot write: the UI still opens, with the views it has
+        refreshed = []
+        print(f"[ui] warning: cannot bring the experiments' views up to date in {uri}: {exc}", flush=True)
+    if refreshed:
+        print(f"[ui] this version's columns set on: {', '.join(refreshed)}", flush=True)
     if plugin_installed():
         cmd += ["--app-name", APP_NAME]
         print(f"[ui] MLflow UI on {uri}\n[ui] open {base}{WAY_IN}", flush=True)
