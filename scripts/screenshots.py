@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except ui_session.BrowserMissing as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cloudseg-screenshots-") as tmp:
         store = copy_store(args.store, Path(tmp) / "mlflow.db")
@@ -91,10 +92,16 @@ def main(argv: list[str] | None = None) -> int:
             page.locator("canvas, svg.main-svg").first.wait_for()
             shoot(page, args.out / "mlflow-charts.png")
             step(f"Model registry -> {MODEL} -> its champion version")
-            page.goto(address.split("/cloudseg")[0] + f"/#/models/{MODEL}")
-            page.get_by_text("champion").first.wait_for()
-            page.get_by_role("link", name=re.compile(r"^Version \d+$")).first.click()
-            page.get_by_text("Source run").first.wait_for()
+            page.locator("a[href$='#/models']").first.click()  # the sidebar's Model registry
+            page.wait_for_url(re.compile(r"#/models$"))
+            try:  # a first visit shows MLflow's announcement of its registry UI; a user answers it once
+                page.get_by_role("button", name="Try it now").click(timeout=5_000)
+            except PlaywrightTimeout:
+                pass
+            page.locator(f"a[href$='#/models/{MODEL}']").first.click()
+            champion = page.locator("tr, [role=row]", has_text="champion").first
+            champion.get_by_role("link", name=re.compile(r"^Version \d+$")).click()
+            page.get_by_text("Source run", exact=False).first.wait_for()
             shoot(page, args.out / "mlflow-model.png")
     return 0
 
