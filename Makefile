@@ -9,6 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cloudseg-stamp
 DEPS_HASH := $(shell cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)
 HOST ?= 127.0.0.1
+UI_PORT ?= 5000
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 # No phoning home unasked (README "Privacy / telemetry"): the switches cloudseg/__init__.py sets, for the
@@ -21,7 +22,7 @@ LAB_PRIVACY := --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate -
   --LabApp.extension_manager=readonly
 endif
 
-.PHONY: help setup demo test test-fast ui dashboard lab runtime-env real-best gpu-check clean-stores
+.PHONY: help setup demo test test-fast ui screenshots dashboard lab runtime-env real-best gpu-check clean-stores
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -50,18 +51,20 @@ test: setup  ## the whole suite (starts and stops the services it needs)
 	      "required: fix the build (make runtime-env) or give RUNTIME_PYTHON a Python 3.9" >&2; exit 1;; esac; \
 	  echo "[test] no .venv-runtime: the tests that need it will skip (build it with make runtime-env)"; }
 	-@bash scripts/ensure_bwrap.sh
+	@# a headless Chromium for the MLflow UI test; it skips where none can be had (and fails under CI=true)
+	-@bash scripts/ensure_browser.sh || echo "[test] no Chromium: the browser test will skip"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup  ## the quick lane: the suite without the slow and postgres tests (a few minutes)
 	-@bash scripts/ensure_bwrap.sh
 	$(PY) -m pytest -m "not slow and not postgres" $(PYTEST_ARGS)
 
-ui: setup  ## MLflow UI for this repository's store
-	@echo "[ui] open http://$(HOST):5000/#/experiments?workflowType=machine_learning (MLflow 3 opens in its GenAI view otherwise);"
-	@echo "[ui] in an experiment, add &viewStateShareKey=cloudseg to its address for the runs table with the figures as columns"
-	$(VENV)/bin/mlflow ui --workers 1 --host $(HOST) --port 5000 \
-	  --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
-	  --default-artifact-root $(CURDIR)/mlartifacts
+ui: setup  ## MLflow UI for this repository's store; open the address it prints (UI_PORT=0: any free port)
+	$(PY) -m cloudseg.tracking.ui --host $(HOST) --port $(UI_PORT)
+
+screenshots: setup  ## the README's MLflow UI pictures (docs/images/) from the demo's store, in headless Chromium
+	bash scripts/ensure_browser.sh
+	$(PY) scripts/screenshots.py
 
 dashboard: setup  ## optuna-dashboard for optuna.db
 	$(VENV)/bin/optuna-dashboard --host $(HOST) --port 8080 sqlite:///$(CURDIR)/optuna.db

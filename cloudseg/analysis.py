@@ -16,6 +16,29 @@ from cloudseg.data.sources import SUSPECT_LIST, resolve_data, suspect_list
 from cloudseg.data.splits import read_id_list
 
 FP_CLASSES: tuple[str, ...] = ("bright ground", "water", "haze/other")
+# MLflow metrics renamed so that no metric shares a name with a param: new name -> the name runs logged before
+RENAMED_METRICS: dict[str, str] = {"lr_now": "lr", "threshold_tuned": "threshold"}
+
+
+def run_metric(metrics: Mapping[str, float], name: str) -> float | None:
+    """A run's metric ``name`` (``run.data.metrics``), read under its old name for runs logged before a rename
+    (``RENAMED_METRICS``); None when the run has neither."""
+    if name in metrics:
+        return float(metrics[name])
+    old = RENAMED_METRICS.get(name)
+    return float(metrics[old]) if old is not None and old in metrics else None
+
+
+def metric_column(runs: pd.DataFrame, name: str) -> pd.Series | None:
+    """Column ``metrics.<name>`` of ``mlflow.search_runs``'s table, filled from the old name's column for runs
+    logged before a rename (``RENAMED_METRICS``); None when the table has neither."""
+    new, old = f"metrics.{name}", f"metrics.{RENAMED_METRICS.get(name, name)}"
+    if new in runs.columns and old in runs.columns and old != new:
+        return runs[new].fillna(runs[old]).rename(new)
+    for col in (new, old):
+        if col in runs.columns:
+            return runs[col].rename(new)
+    return None
 
 
 def show(fig, dpi: int = 90) -> None:

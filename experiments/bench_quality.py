@@ -125,7 +125,7 @@ def train_model(cfg: Config, split, train_ids: list[str], val_ids: list[str], ki
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient()
-        for k, v in {"threshold": result.threshold, "epochs_run": result.epochs_run, "wall_s": result.wall_s,
+        for k, v in {"threshold_tuned": result.threshold, "epochs_run": result.epochs_run, "wall_s": result.wall_s,
                      "val_jaccard_at_threshold": result.final_eval.jaccard}.items():
             client.log_metric(run_id, k, float(v))
         client.log_artifact(run_id, str(result.checkpoint), "checkpoint")

@@ -58,7 +58,8 @@ def main() -> int:
         print(f"\nreal sample at {real} (a model trained on synthetic chips only):")
         run([*cloudseg, "--features", real / "train_features", "--labels", real / "train_labels", *runtime])
     print(f"\nsubmission: {zip_path}  (folder {SUBMISSIONS_DIR / 'demo'})")
-    print("compare the runs: make ui  ->  http://127.0.0.1:5000   (study figures: make dashboard)")
+    print("compare the runs: make ui, then open the address it prints (http://127.0.0.1:5000/cloudseg); "
+          "study figures: make dashboard")
     print(f"demo finished in {time.time() - t0:.0f} s")
     return 0
 

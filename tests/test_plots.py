@@ -326,3 +326,18 @@ def test_data_root(tmp_path, monkeypatch):
     monkeypatch.setenv("CLOUDSEG_REAL_DATA", str(tmp_path / "absent"))
     with pytest.raises(FileNotFoundError, match="real sample not found"):
         analysis.data_root("real")
+
+
+def test_renamed_metrics_read_under_either_name():
+    """Runs logged before the renames hold metrics lr and threshold; cloudseg reads them as lr_now and
+    threshold_tuned, and a run that has the new name is read by it."""
+    assert analysis.run_metric({"threshold": 0.4}, "threshold_tuned") == 0.4
+    assert analysis.run_metric({"threshold_tuned": 0.6, "threshold": 0.4}, "threshold_tuned") == 0.6
+    assert analysis.run_metric({"lr": 1e-3}, "lr_now") == 1e-3
+    assert analysis.run_metric({"best_val_jaccard": 0.5}, "threshold_tuned") is None
+    runs = pd.DataFrame({"metrics.threshold_tuned": [0.6, np.nan], "metrics.threshold": [np.nan, 0.4]})
+    assert analysis.metric_column(runs, "threshold_tuned").tolist() == [0.6, 0.4]
+    old_only = pd.DataFrame({"metrics.threshold": [0.4]})
+    col = analysis.metric_column(old_only, "threshold_tuned")
+    assert col.name == "metrics.threshold_tuned" and col.tolist() == [0.4]
+    assert analysis.metric_column(pd.DataFrame({"metrics.x": [1.0]}), "threshold_tuned") is None

@@ -208,3 +208,52 @@ def test_promote_registers_a_model_version_and_moves_the_alias(store, capsys):
     assert str(client.get_model_version_by_alias("reg", "staging").version) == "3"
     assert str(client.get_model_version_by_alias("reg", "champion").version) == "2"
     assert "models:/reg@staging" in capsys.readouterr().out
+
+
+def test_a_pruned_trial_is_never_promoted(store, capsys):
+    """A pruned trial ends FINISHED (cloudseg.pruned=true); even one holding a better figure and a checkpoint is
+    passed over, and naming it is refused."""
+    pruned = fake_run(store, 0.99, kind="trial", tags={"cloudseg.study": "p", "cloudseg.trial": "0",
+                                                      "cloudseg.pruned": "true"})
+    done = fake_run(store, 0.50, kind="trial", tags={"cloudseg.study": "p", "cloudseg.trial": "1"})
+    assert promote.main(["--study", "p", "--name", "p", "--no-register"]) == 0
+    assert f"promoted run {done}" in capsys.readouterr().out
+    assert promote.main(["--run-id", pruned, "--name", "p", "--no-register"]) == 2
+    assert "is a pruned trial (tag cloudseg.pruned=true)" in capsys.readouterr().err
+
+
+def test_registered_version_comes_from_the_run_that_trained_it(store, capsys):
+    """The version's source run is the trial (not promote's bookkeeping run), the best fold of a cv ensemble; its
+    description names the submission, its members with their runs and scores, the git commit and the cost."""
+    sweep = fake_run(store, None, kind="sweep", checkpoint=False, tags={"cloudseg.study": "r"})
+    trial = fake_run(store, 0.8, kind="trial", tags={"cloudseg.study": "r", "cloudseg.trial": "3"}, parent=sweep,
+                     cfg_over={"run_name": "r-trial3"})
+    assert promote.main(["--study", "r", "--name", "reg"]) == 0
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("reg", "champion")
+    assert version.run_id == trial and client.get_run(version.run_id).data.tags["cloudseg.kind"] == "trial"
+    assert version.tags["cloudseg.source_run"] == trial
+    bookkeeping = client.get_run(version.tags["cloudseg.registration_run"])
+    assert {a.path for a in client.list_artifacts(bookkeeping.info.run_id, "submission")} == \
+        {"submission/reg.zip", "submission/MANIFEST.json"}
+    manifest = json.loads((store / "submissions" / "reg" / "MANIFEST.json").read_text())
+    text = version.description
+    assert "**reg**" in text and f"`{trial}`" in text and "r-trial3" in text and "0.8000" in text
+    assert f"Git commit: `{manifest['git_commit']}`" in text
+    assert "cost: not estimated (MANIFEST.json has no cost block)" in text
+
+    parent = fake_run(store, 0.77, kind="cv", checkpoint=False, metric="cv_jaccard")
+    folds = [fake_run(store, v, parent=parent, tags={"cloudseg.fold": str(k)}) for k, v in enumerate((.5, .9, .6))]
+    assert promote.main(["--run-id", parent, "--name", "cvreg"]) == 0
+    version = client.get_model_version_by_alias("cvreg", "champion")
+    assert version.run_id == folds[1]  # the fold with the best figure of its own
+    assert all(f"`{f}`" in version.description for f in folds)
+    assert "cv_jaccard=0.7700" in version.description
+
+
+def test_cost_line_reads_the_manifests_cost_block():
+    from cloudseg.tracking.models import cost_line
+
+    line = cost_line({"forwards_per_chip": 3, "gflop_per_chip": 12.5, "k80_projected_h": 0.8,
+                      "k80_projected_h_low": 0.6, "k80_projected_h_high": 1.1})
+    assert line == "cost: 3 forwards/chip, 12.5 GFLOP/chip, K80 projected 0.8 h (0.6-1.1 h) for 10,980 chips"

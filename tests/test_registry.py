@@ -121,14 +121,36 @@ def test_unresolvable_refs_are_one_line_errors(mlflow_tmp, tmp_path, chip):
 
 
 def test_experiments_are_model_training_with_a_runs_view_showing_the_figures(mlflow_tmp):
-    """MLflow 3.17's runs table shows no metric or parameter column by default: every experiment carries a shared
-    view (opened with ?viewStateShareKey=cloudseg, as `make ui` prints) whose columns are the figures."""
+    """MLflow 3.17's runs table shows no metric or parameter column by default: every experiment carries a saved
+    view named cloudseg (listed under Views, opened with ?viewStateShareKey=cloudseg, applied by make ui's page)
+    whose columns are the figures, the recipe and whether a trial was pruned, and a description."""
+    from cloudseg.tracking import ui
+
     exp_id = tracking.setup("viewed")
-    tags = MlflowClient().get_experiment(exp_id).tags
-    assert tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
-    view = json.loads(tags[f"mlflow.sharedViewState.{tracking.VIEW_KEY}"])
-    assert {"metrics.`best_val_jaccard`", "metrics.`cv_jaccard`", "params.`lr`"} <= set(view["selectedColumns"])
     client = MlflowClient()
-    client.delete_experiment_tag(exp_id, f"mlflow.sharedViewState.{tracking.VIEW_KEY}")
-    assert tracking.setup("viewed") == exp_id  # an older experiment gets the view on next use
-    assert f"mlflow.sharedViewState.{tracking.VIEW_KEY}" in client.get_experiment(exp_id).tags
+    tags = client.get_experiment(exp_id).tags
+    assert tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    saved = json.loads(tags[ui.VIEW_TAG])
+    assert saved["name"] == "cloudseg" and saved["createdAt"] > 0
+    columns = json.loads(saved["state"])["selectedColumns"]
+    assert {"metrics.`best_val_jaccard`", "metrics.`cv_jaccard`", "metrics.`threshold_tuned`", "params.`lr`",
+            "tags.`cloudseg.pruned`"} <= set(columns)
+    assert ui.view_columns(tags[ui.VIEW_TAG]) == columns and tags[ui.DESCRIPTION_TAG] == ui.DESCRIPTION
+    # an experiment of an older cloudseg (the bare view, an older description of cloudseg's) gets the current ones
+    # on next use, or when make ui starts (refresh_views); a description of the user's own stays
+    client.set_experiment_tag(exp_id, ui.VIEW_TAG, json.dumps({"selectedColumns": ["metrics.`threshold`"]}))
+    for tag in (ui.DESCRIPTION_TAG, ui.WROTE_DESCRIPTION_TAG):
+        client.set_experiment_tag(exp_id, tag, "cloudseg runs, as an older version put it")
+    assert tracking.setup("viewed") == exp_id
+    tags = client.get_experiment(exp_id).tags
+    assert ui.view_columns(tags[ui.VIEW_TAG]) == columns and tags[ui.DESCRIPTION_TAG] == ui.DESCRIPTION
+    written = tags[ui.VIEW_TAG]
+    tracking.setup("viewed")  # a current view is not rewritten (its times would change on every run)
+    assert client.get_experiment(exp_id).tags[ui.VIEW_TAG] == written
+    client.set_experiment_tag(exp_id, ui.VIEW_TAG, json.dumps({"selectedColumns": ["metrics.`threshold`"]}))
+    client.set_experiment_tag(exp_id, ui.DESCRIPTION_TAG, "mine")
+    other = client.create_experiment("not cloudseg's")
+    assert ui.refresh_views(mlflow_tmp) == ["viewed"]
+    tags = client.get_experiment(exp_id).tags
+    assert ui.view_columns(tags[ui.VIEW_TAG]) == columns and tags[ui.DESCRIPTION_TAG] == "mine"
+    assert ui.VIEW_TAG not in client.get_experiment(other).tags  # experiments of other tools are left alone

@@ -33,6 +33,15 @@ def sweep_env(mlflow_tmp, tmp_path, monkeypatch):
     return {"space": space, "storage": storage, "env": env, "tmp": tmp_path}
 
 
+def _assert_rows_show_their_best_trials_recipe():
+    """Every sweep row's varied params (lr, loss) and best_val_jaccard are those of the trial it names."""
+    trials = {r.data.tags["cloudseg.trial"]: r for r in _runs("trial")}
+    for parent in _runs("sweep"):
+        best = trials[parent.data.tags["cloudseg.best_trial"]]
+        assert {k: parent.data.params[k] for k in ("lr", "loss")} == {k: best.data.params[k] for k in ("lr", "loss")}
+        assert parent.data.metrics["best_val_jaccard"] == best.data.metrics["best_val_jaccard"]
+
+
 def _sweep(e, data, study, n, *extra, timeout=600):
     cmd = [sys.executable, SWEEP, "--study", study, "--n-trials", str(n), "--storage", e["storage"],
            "--space", str(e["space"]), "--data", str(data), *TINY, *extra]
@@ -65,12 +74,14 @@ def test_two_workers_then_resume(sweep_env, tiny_data):
     arts = {a.path for p in parents for a in MlflowClient().list_artifacts(p.info.run_id, "optuna")}
     assert "optuna/history.png" in arts
     assert all("best_value" in p.data.metrics for p in parents)
+    _assert_rows_show_their_best_trials_recipe()
     # resume: the same command with a larger count adds exactly the missing trials
     res = _sweep(sweep_env, tiny_data, "two", 5)
     assert res.returncode == 0, res.stderr[-3000:]
     study = optuna.load_study(study_name="two", storage=sweep_env["storage"])
     assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 5
     assert len(_runs("trial")) == 5
+    _assert_rows_show_their_best_trials_recipe()
     # a different search space on the same study is refused
     sweep_env["space"].write_text("lr: {type: float, low: 0.001, high: 0.1, log: true}\n")
     res = _sweep(sweep_env, tiny_data, "two", 6)

@@ -54,11 +54,13 @@ def test_one_epoch_run_is_fully_tracked(env, tiny_data, capsys):
     assert run.info.status == "FINISHED"
     assert run.data.params["encoder"] == "resnet18" and run.data.params["epochs"] == "1"
     assert set(run.data.params) >= {"data", "arch", "loss", "lr", "crop_size", "seed", "threshold"}
-    for name in ("best_val_jaccard", "threshold", "epochs_run", "wall_s"):
+    for name in ("best_val_jaccard", "threshold_tuned", "epochs_run", "wall_s"):
         assert name in run.data.metrics
-    for name in ("train_loss", "val_jaccard", "lr", "chips_per_s"):
+    for name in ("train_loss", "val_jaccard", "lr_now", "chips_per_s"):
         hist = client.get_metric_history(run.info.run_id, name)
         assert [m.step for m in hist] == [1]
+    # one name, one meaning: the UI shows a param and a metric of one name in one column
+    assert not set(run.data.metrics) & set(run.data.params)
     tags = run.data.tags
     assert tags["cloudseg.kind"] == "train"
     assert len(tags["cloudseg.data_fingerprint"]) == 16
@@ -108,7 +110,7 @@ def test_checkpoint_rebuilds_model_alone(env, tiny_data, tmp_path):
     ckpt = load_checkpoint(path)
     assert ckpt["model"]["arch"] == "Unet" and ckpt["model"]["encoder_name"] == "resnet18"
     assert ckpt["config"]["encoder"] == "resnet18"
-    assert 0 < ckpt["threshold"] < 1 and ckpt["threshold"] == pytest.approx(runs[0].data.metrics["threshold"])
+    assert 0 < ckpt["threshold"] < 1 and ckpt["threshold"] == pytest.approx(runs[0].data.metrics["threshold_tuned"])
     assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
     # only tensors and plain types: loads with weights_only (what torch 1.8 can unpickle)
     torch.load(path, weights_only=True)

@@ -25,19 +25,9 @@ from mlflow.tracking import MlflowClient
 import cloudseg
 from cloudseg.paths import MLARTIFACTS, REPO_ROOT, tracking_uri
 
-# MLflow 3's UI opens an experiment in its GenAI view (traces) unless it is tagged as model training
+# the experiment's kind for MLflow 3 (its 3.17 UI still keeps the workflow it opens in the browser: tracking/ui.py)
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
-# A runs-table view stored on each experiment (MLflow's "shared view": ``?viewStateShareKey=cloudseg`` opens it):
-# MLflow 3.17 shows no metric or parameter column by default, so a sweep reads as one collapsed row without figures
-VIEW_KEY = "cloudseg"
-VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
-VIEW_COLUMNS = (
-    *(f"metrics.`{m}`" for m in ("best_val_jaccard", "val_jaccard", "cv_jaccard", "cv_jaccard_clean",
-                                 "cv_jaccard_mean", "cv_jaccard_sd", "threshold")),
-    *(f"params.`{p}`" for p in ("arch", "encoder", "loss", "lr", "crop_size", "epochs", "bands", "seed")),
-    "tags.`cloudseg.kind`", "tags.`cloudseg.study`",
-)
-VIEW_STATE = json.dumps({"selectedColumns": ["attributes.`Run Name`", *VIEW_COLUMNS]})
+PRUNED_TAG = "cloudseg.pruned"  # "true" on trials the pruner stopped (FINISHED, never promoted)
 STALE_AFTER_S = float(os.environ.get("CLOUDSEG_STALE_AFTER_S", 6 * 3600))  # heartbeat age that marks a remote run dead
 
 
@@ -78,20 +68,20 @@ def setup(experiment: str) -> str:
     With a local store, artifacts go to ``mlartifacts/<experiment>`` under the repository root (never to the
     current directory); a tracking server decides its own artifact root.
     """
+    from cloudseg.tracking import ui
+
     uri = connect()
     exp = mlflow.get_experiment_by_name(experiment)
-    if exp is not None:
-        for key, value in ((EXPERIMENT_KIND_TAG, EXPERIMENT_KIND), (VIEW_TAG, VIEW_STATE)):
-            if exp.tags.get(key) != value:
-                MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
+    if exp is not None:  # an experiment made by an older cloudseg gets this one's tags and view
+        for key, value in ui.tags_to_update(exp.tags).items():
+            MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     location = None
     if not uri.startswith(("http://", "https://", "databricks")):
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
         location = (artifacts_root() / safe).resolve().as_uri()
     try:
-        return mlflow.create_experiment(experiment, artifact_location=location,
-                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, VIEW_TAG: VIEW_STATE})
+        return mlflow.create_experiment(experiment, artifact_location=location, tags=ui.tags_to_update({}))
     except Exception:  # another worker created it in between
         exp = mlflow.get_experiment_by_name(experiment)
         if exp is None:
@@ -205,16 +195,23 @@ def close_stale_runs(experiment_ids: list[str] | None = None, extra_dead: set[st
 
 
 @contextlib.contextmanager
-def run_status(run_id: str, killed: tuple[type[BaseException], ...] = (),
+def run_status(run_id: str, pruned: tuple[type[BaseException], ...] = (),
                failure: Callable[[], str | None] | None = None) -> Iterator[None]:
-    """End ``run_id`` FINISHED on success, KILLED on interruption (Ctrl-C, SIGTERM) or on an exception of the
-    ``killed`` types (e.g. a pruned trial), FAILED on any other error. ``failure`` says why an interruption is a
-    failure after all (under torchrun: another rank raised, and torchrun stopped this one)."""
+    """End ``run_id`` FINISHED on success, KILLED on interruption (Ctrl-C, SIGTERM), FAILED on any other error.
+    An exception of the ``pruned`` types (a trial the pruner stopped) ends it FINISHED with the tags
+    ``cloudseg.pruned=true`` and ``cloudseg.pruned_why``: it did what was asked of it, so it is neither a crash nor an
+    interruption. ``failure`` says why an interruption is a failure after all (under torchrun: another rank raised,
+    and torchrun stopped this one). The exception is raised again in every case but success."""
     client = MlflowClient()
     try:
         with sigterm_as_interrupt():
             yield
-    except (KeyboardInterrupt, *killed):
+    except pruned as exc:
+        client.set_tag(run_id, PRUNED_TAG, "true")
+        client.set_tag(run_id, "cloudseg.pruned_why", str(exc)[:500] or type(exc).__name__)
+        client.set_terminated(run_id, "FINISHED")
+        raise
+    except KeyboardInterrupt:
         why = failure() if failure is not None else None
         if why:
             client.set_tag(run_id, "cloudseg.error", why[:4000])
@@ -231,6 +228,12 @@ def run_status(run_id: str, killed: tuple[type[BaseException], ...] = (),
         client.set_terminated(run_id, "FINISHED")
 
 
+# the training loop's per-epoch figures -> their MLflow names; the scheduled lr is ``lr_now`` because ``lr`` is the
+# config's param (runs logged before the rename hold a metric ``lr``: ``cloudseg.analysis.RENAMED_METRICS``)
+EPOCH_METRICS = {"train_loss": "train_loss", "val_jaccard": "val_jaccard", "lr": "lr_now",
+                 "chips_per_s": "chips_per_s"}
+
+
 class EpochLogger:
     """Training callback: logs each epoch's metrics with step = epoch and refreshes the heartbeat tag."""
 
@@ -242,9 +245,8 @@ class EpochLogger:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        names = ("train_loss", "val_jaccard", "lr", "chips_per_s")
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(metrics[k]), ts, epoch) for k in names
-                                                     if k in metrics])
+        self.client.log_batch(self.run_id, metrics=[Metric(EPOCH_METRICS[k], float(metrics[k]), ts, epoch)
+                                                     for k in EPOCH_METRICS if k in metrics])
         self.client.set_tag(self.run_id, "cloudseg.heartbeat", str(int(time.time())))
 
 

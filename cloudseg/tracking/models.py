@@ -1,9 +1,11 @@
 """Model references in MLflow: run ids and ``models:/<name>@<alias>`` -> local files; registering submissions.
 
-A registered model ``<name>`` (the submission name) gets one version per promote. Each version's source is the
-``submission/`` artifact folder of a small registration run that holds the submission zip and its
-``MANIFEST.json``; the version carries tags (run ids, metric, git commit, ``cloudseg.zip_sha256``) and the alias
-(``champion`` by default) moves to it.
+A registered model ``<name>`` (the submission name) gets one version per promote. Each version's artifacts are
+the ``submission/`` folder of a small registration run that holds the submission zip and its ``MANIFEST.json``;
+its source run is the run that trained the model (promote passes the best member's), so the UI's "Source run"
+leads to the training, and its description says what the submission is (``version_description``). The version
+carries tags (run ids, metric, git commit, ``cloudseg.zip_sha256``, ``cloudseg.registration_run``) and the
+alias (``champion`` by default) moves to it.
 
     version = register_submission("real-best", zip_path, manifest_path, {"cloudseg.run_ids": "a,b"})
     resolve_model_ref("models:/real-best@champion", dst)   # -> dst/.../real-best.zip
@@ -47,7 +49,8 @@ def _client() -> MlflowClient:
 
 
 def register_submission(name: str, zip_path: Path | str, manifest_path: Path | str, tags: dict | None = None,
-                        alias: str = DEFAULT_ALIAS, experiment: str = REGISTRY_EXPERIMENT) -> str:
+                        alias: str = DEFAULT_ALIAS, experiment: str = REGISTRY_EXPERIMENT,
+                        source_run_id: str | None = None, description: str | None = None) -> str:
     """Register a promoted submission as a new version of registered model ``name`` and move ``alias`` to it.
 
     Args:
@@ -55,7 +58,13 @@ def register_submission(name: str, zip_path: Path | str, manifest_path: Path | s
             ``submission/<zip name>`` and ``submission/MANIFEST.json`` of a registration run in ``experiment``.
         tags: version tags, e.g. ``{"cloudseg.run_ids": "...", "cloudseg.metric": "cv_jaccard",
             "cloudseg.metric_value": "0.91"}``; values become strings. ``cloudseg.zip_sha256``,
-            ``cloudseg.zip_name`` and (unless given) ``cloudseg.git_commit`` are added.
+            ``cloudseg.zip_name``, ``cloudseg.registration_run`` and (unless given) ``cloudseg.git_commit`` are
+            added.
+        source_run_id: the run that trained the model, the version's source run (default: the registration run).
+            A tracking server that keeps artifacts as local files accepts only a source inside the source run's
+            artifacts; there the registration run stays the source run and tag ``cloudseg.source_run`` names
+            the training run.
+        description: the version's description (Markdown; ``version_description``).
 
     Returns:
         The new version number (a string, as MLflow gives it).
@@ -88,10 +97,63 @@ def register_submission(name: str, zip_path: Path | str, manifest_path: Path | s
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another promote created it first: fine
             raise
-    version = client.create_model_version(name, f"{run.info.artifact_uri}/submission", run_id=run_id,
-                                          tags=version_tags)
+    source = f"{run.info.artifact_uri}/submission"
+    version_tags["cloudseg.registration_run"] = run_id
+    if source_run_id:
+        version_tags["cloudseg.source_run"] = source_run_id
+    try:
+        version = client.create_model_version(name, source, run_id=source_run_id or run_id, tags=version_tags,
+                                              description=description)
+    except MlflowException as exc:
+        if not source_run_id or exc.error_code != "INVALID_PARAMETER_VALUE":
+            raise
+        # a server keeping local-file artifacts wants the source inside the source run's own artifacts
+        version = client.create_model_version(name, source, run_id=run_id, tags=version_tags,
+                                              description=description)
     client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)
+
+
+def cost_line(cost: dict | None) -> str:
+    """MANIFEST.json's ``cost`` block in one line (what promote prints), or why there is none."""
+    if not cost:
+        return "cost: not estimated (MANIFEST.json has no cost block)"
+    return (f"cost: {cost.get('forwards_per_chip', '?')} forwards/chip, {cost.get('gflop_per_chip', '?')} "
+            f"GFLOP/chip, K80 projected {cost.get('k80_projected_h', '?')} h "
+            f"({cost.get('k80_projected_h_low', '?')}-{cost.get('k80_projected_h_high', '?')} h) for 10,980 chips")
+
+
+def version_description(manifest: dict, source_run_id: str, client: MlflowClient | None = None) -> str:
+    """A model version's description (Markdown): the submission's name, its members with their runs and scores,
+    the run that trained it (``source_run_id``), the git commit and the cost line, from its MANIFEST.json."""
+    client = client or _client()
+
+    def run_label(run_id: str) -> tuple[str, str]:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            return "(run not found)", "-"
+        best = run.data.metrics.get("best_val_jaccard")
+        return run.info.run_name or "-", f"{best:.4f}" if best is not None else "-"
+
+    name = manifest.get("name", "?")
+    members = manifest.get("runs", [])
+    which = f", the best of its {len(members)} members" if len(members) > 1 else ""
+    source_name = run_label(source_run_id)[0]
+    lines = [f"cloudseg submission **{name}** (`{name}.zip`). Source run: {source_name} (`{source_run_id}`{which}), "
+             "the run that trained it.", "", "Members:"]
+    described = {m.get("run_id"): m for m in manifest.get("members", [])}
+    for i, r in enumerate(members):
+        rid = r.get("run_id", "?")
+        m = described.get(rid, {})
+        run_name, best = run_label(rid)
+        lines.append(f"- model {i}: {run_name} (`{rid}`), {m.get('arch', '?')} {m.get('encoder', '')}, "
+                     f"best_val_jaccard {best}; ranked by {r.get('metric', '?')}="
+                     f"{float(r.get('value', float('nan'))):.4f}")
+    dirty = " (uncommitted changes)" if manifest.get("git_dirty") else ""
+    lines += ["", f"Git commit: `{manifest.get('git_commit', 'unknown')}`{dirty}", "",
+              cost_line(manifest.get("cost"))]
+    return "\n".join(lines)
 
 
 def resolve_model_ref(ref: str, dst: Path | str) -> Path | list[Path]:

@@ -82,6 +82,21 @@ def model_runs(client, run) -> list[str]:
     return [rid for k in kids for rid in model_runs(client, k)]
 
 
+def _pruned(run) -> bool:
+    """A trial the pruner stopped: FINISHED, but never a model to promote."""
+    return run.data.tags.get("cloudseg.pruned") == "true"
+
+
+def source_run(client, run) -> str:
+    """The run that trained the model promoted for ``run`` (the registered version's source run): the run itself,
+    or for a cv or repeat run the member run with the best ``best_val_jaccard`` of its own."""
+    ids = model_runs(client, run)
+    if len(ids) == 1:
+        return ids[0]
+    scores = {rid: client.get_run(rid).data.metrics.get("best_val_jaccard", float("-inf")) for rid in ids}
+    return max(ids, key=lambda rid: scores[rid])  # max keeps the first of equals: the lowest fold or seed
+
+
 def select_runs(client, args: argparse.Namespace) -> list[tuple[object, str]]:
     """(run, metric) pairs to promote, best first. Raises PromoteError on an empty or invalid selection."""
     from mlflow.exceptions import MlflowException
@@ -98,6 +113,9 @@ def select_runs(client, args: argparse.Namespace) -> list[tuple[object, str]]:
             metric = args.metric or default_metric(run)
             if run.info.status != "FINISHED":
                 raise PromoteError(f"run {rid} is {run.info.status}, not FINISHED: only completed runs are promoted")
+            if _pruned(run):
+                raise PromoteError(f"run {rid} is a pruned trial (tag cloudseg.pruned=true): it stopped before its "
+                                   "last epoch; promote a trial that completed")
             if metric not in run.data.metrics:
                 raise PromoteError(f"run {rid} has no metric {metric!r}; it has {sorted(run.data.metrics)}")
             chosen.append((run, metric))
@@ -116,7 +134,7 @@ def select_runs(client, args: argparse.Namespace) -> list[tuple[object, str]]:
         filters.append("tags.`cloudseg.kind` = 'trial'")
     runs = client.search_runs(exp_ids, " and ".join(filters), max_results=5000,
                               order_by=[f"metrics.`{metric}` DESC"])
-    runs = [r for r in runs if metric in r.data.metrics and "cloudseg.kind" in r.data.tags]
+    runs = [r for r in runs if metric in r.data.metrics and "cloudseg.kind" in r.data.tags and not _pruned(r)]
     if metric.endswith("_mean"):
         runs = [r for r in runs if r.data.tags["cloudseg.kind"] == "repeat"]
     elif metric.startswith("cv_jaccard"):
@@ -317,13 +335,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"members={len(members)} folder={folder}")
     print(f"zip={zip_path} ({zip_path.stat().st_size / 1e6:.1f} MB)")
     if not args.no_register:
-        from cloudseg.tracking.models import register_submission
+        from cloudseg.tracking.models import register_submission, version_description
 
         run, metric = chosen[0]
+        source = source_run(client, run)
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
         version = register_submission(args.name, zip_path, folder / "MANIFEST.json", alias=args.alias, tags={
             "cloudseg.run_ids": ",".join(r.info.run_id for r, _ in chosen), "cloudseg.metric": metric,
             "cloudseg.metric_value": f"{run.data.metrics[metric]:.6f}",
-            "cloudseg.members": ",".join(m.run_id for m in members)})
+            "cloudseg.members": ",".join(m.run_id for m in members)},
+            source_run_id=source, description=version_description(manifest, source, client))
         print(f"registered model {args.name!r} version {version}, alias {args.alias!r} "
               f"(MLflow UI: Models; predict with --model models:/{args.name}@{args.alias})")
     return 0

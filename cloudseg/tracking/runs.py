@@ -17,6 +17,7 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,7 +202,8 @@ def _log_fit(run_id: str, cfg: Config, split: ValidatedSplit, result: FitResult)
     from cloudseg import plots
 
     client = MlflowClient()
-    metrics = {"best_val_jaccard": result.best_val_jaccard, "threshold": result.threshold,
+    # ``threshold_tuned``, not ``threshold``: that name is the config's param (the threshold asked for)
+    metrics = {"best_val_jaccard": result.best_val_jaccard, "threshold_tuned": result.threshold,
                "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "wall_s": result.wall_s,
                "val_jaccard_at_threshold": result.final_eval.jaccard}
     for k, v in metrics.items():
@@ -227,8 +229,9 @@ def _log_fit(run_id: str, cfg: Config, split: ValidatedSplit, result: FitResult)
 
 
 def start_run(cfg: Config, kind: str, tags: dict | None = None, parent_run_id: str | None = None,
-              run_name: str | None = None) -> str:
-    """Create an MLflow run with the standard tags, every config value as a param and ``config.json``."""
+              run_name: str | None = None, left_out: Collection[str] = ()) -> str:
+    """Create an MLflow run with the standard tags, every config value as a param (but the keys ``left_out``: a
+    sweep run writes the keys its study varies later, from its best trial) and ``config.json``."""
     exp_id = tracking.setup(cfg.experiment)
     all_tags = tracking.base_tags(kind)
     all_tags.update(tags or {})
@@ -241,18 +244,19 @@ def start_run(cfg: Config, kind: str, tags: dict | None = None, parent_run_id: s
         name = f"{all_tags.get('cloudseg.study', 'study')}-trial{all_tags['cloudseg.trial']}"
     run = client.create_run(exp_id, tags=all_tags, run_name=name)
     run_id = run.info.run_id
-    tracking.log_params(run_id, cfg.to_dict())
+    tracking.log_params(run_id, {k: v for k, v in cfg.to_dict().items() if k not in left_out})
     tracking.log_json(run_id, cfg.to_dict(), "config.json")
     return run_id
 
 
 def train_fold(cfg: Config, root: Path, split: ValidatedSplit, kind: str = "train", tags: dict | None = None,
                parent_run_id: str | None = None, callbacks: list | None = None,
-               resume_run_id: str | None = None, killed: tuple[type[BaseException], ...] = (),
+               resume_run_id: str | None = None, pruned: tuple[type[BaseException], ...] = (),
                on_start=None, init_weights: Path | None = None) -> RunOutcome:
     """Train ``cfg.fold`` as one MLflow run, from ``init_weights`` (a checkpoint file) when given.
-    ``resume_run_id`` continues that run from its last state. Under torchrun rank 0 owns the run and the other
-    ranks train beside it (``_follow_fold``)."""
+    ``resume_run_id`` continues that run from its last state. An exception of the ``pruned`` types raised by a
+    callback (a pruned trial) ends the run FINISHED with ``cloudseg.pruned=true`` (``tracking.run_status``).
+    Under torchrun rank 0 owns the run and the other ranks train beside it (``_follow_fold``)."""
     if not dist.is_main():
         return _follow_fold(cfg, split, init_weights)
     client = MlflowClient()
@@ -274,7 +278,7 @@ def train_fold(cfg: Config, root: Path, split: ValidatedSplit, kind: str = "trai
     dist.broadcast(run_id)
     state_dir = state_root() / run_id
     try:
-        with tracking.run_status(run_id, killed, failure=lambda: _rank_failure(state_dir)), \
+        with tracking.run_status(run_id, pruned, failure=lambda: _rank_failure(state_dir)), \
                 _watch_ranks(run_id, state_dir):
             trainer = Trainer(cfg, split, train_ids, val_ids, state_dir,
                               [tracking.EpochLogger(run_id), *(callbacks or [])], init_weights=init_weights)
@@ -282,7 +286,7 @@ def train_fold(cfg: Config, root: Path, split: ValidatedSplit, kind: str = "trai
                 client.set_tag(run_id, key, value)
             result = trainer.fit()
             metrics = _log_fit(run_id, cfg, split, result)
-    except killed:  # a pruned trial is over for good: nothing will resume it
+    except pruned:  # a pruned trial is over for good: nothing will resume it
         shutil.rmtree(state_dir, ignore_errors=True)
         raise
     # FINISHED: the model is the run's checkpoint artifact, and a finished run is never resumed, so the local

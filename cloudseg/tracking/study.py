@@ -306,16 +306,13 @@ def trial_objective(study: optuna.Study, cfg: Config, space: dict, root: Path, s
     """The objective of ``experiments/sweep.py``: one nested MLflow training run per trial.
 
     Each epoch's ``val_jaccard`` goes to the pruner; a pruned trial raises ``optuna.TrialPruned`` and its run ends
-    KILLED with ``cloudseg.pruned=true``; a trial that raises keeps its error in the user attribute ``error``.
+    FINISHED with ``cloudseg.pruned=true``; a trial that raises keeps its error in the user attribute ``error``
+    (its run ends FAILED), and an interrupted one ends KILLED.
     With ``n_trials``, a trial started when the study already has that many raises ``SurplusTrial``.
     Returns the trial's ``best_val_jaccard``.
     """
-    from mlflow.tracking import MlflowClient
-
     from cloudseg.config import apply_overrides
     from cloudseg.tracking.runs import train_fold
-
-    client = MlflowClient()
 
     def objective(trial: optuna.Trial) -> float:
         if n_trials is not None and in_flight_before(study, trial.number) >= n_trials:
@@ -333,11 +330,10 @@ def trial_objective(study: optuna.Study, cfg: Config, space: dict, root: Path, s
 
         tags = {"cloudseg.study": study_name, "cloudseg.trial": str(trial.number)}
         try:
-            out = train_fold(tcfg, root, split, "trial", tags, parent, [report], killed=(optuna.TrialPruned,),
+            out = train_fold(tcfg, root, split, "trial", tags, parent, [report], pruned=(optuna.TrialPruned,),
                              on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
                              init_weights=init_weights)
-        except optuna.TrialPruned:
-            client.set_tag(trial.user_attrs["mlflow_run_id"], "cloudseg.pruned", "true")
+        except optuna.TrialPruned:  # not an error: its run ended FINISHED, tagged pruned
             raise
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
@@ -375,21 +371,18 @@ def reconcile(study: optuna.Study, client, current_parent: str | None = None) ->
 
 
 def finish_parent(study: optuna.Study, parent: str, client) -> None:
-    """Log the study's state on a worker's sweep run: trials counted, the best value and the best trial's
-    parameters (metric ``best_value``, tags ``best.<key>``), and Optuna's figures."""
+    """Log the study's state on a worker's sweep run: trials counted, the best trial (metrics ``best_val_jaccard``
+    and ``best_value``, tags ``cloudseg.best_trial`` and ``best.<key>``, the varied keys' params with its values:
+    ``sweep_run.settle``), and Optuna's figures."""
     from cloudseg import tracking
+    from cloudseg.tracking import sweep_run
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     client.log_metric(parent, "trials_counted", float(len(complete)))
-    if complete:
-        best = study.best_trial
-        client.log_metric(parent, "best_value", float(best.value))
-        client.log_metric(parent, "best_val_jaccard", float(best.value))
-        client.set_tag(parent, "cloudseg.best_trial", str(best.number))
+    best = sweep_run.settle(study, parent, study.user_attrs["space"], client)
+    if best is not None:
         tracking.log_json(parent, {"number": best.number, "value": best.value, "params": best.params,
                                    "mlflow_run_id": best.user_attrs.get("mlflow_run_id")}, "best_trial.json")
-        for k, v in best.params.items():
-            client.set_tag(parent, f"best.{k}", str(v))
     with tracking.scratch_dir() as tmp:
         drawn = figures(study, Path(tmp) / "optuna")
         for name, path in drawn.items():
@@ -403,12 +396,12 @@ def run_worker(study: optuna.Study, cfg: Config, study_name: str, storage_url: s
                timeout: float | None = None, worker_index: int = 0, init_weights: Path | None = None) -> None:
     """One sweep worker on an opened study (``open_study``): trials until the study has ``n_trials`` (counted
     across every worker), each a nested MLflow run under this worker's ``sweep`` run, which ends FINISHED with
-    the study's best."""
+    the study's best (``sweep_run``: its row shows the best trial's figure and recipe)."""
     from mlflow.tracking import MlflowClient
 
     from cloudseg import tracking
     from cloudseg.data.sources import load_split
-    from cloudseg.tracking.runs import start_run
+    from cloudseg.tracking import sweep_run
 
     space = study.user_attrs["space"]
     print(f"[worker {worker_index}] study '{study_name}' on {display_url(storage_url)}: "
@@ -419,18 +412,24 @@ def run_worker(study: optuna.Study, cfg: Config, study_name: str, storage_url: s
     tracking.close_stale_runs([exp_id])
     reconcile(study, client)
     root, split = load_split(cfg)
-    parent = start_run(cfg, "sweep", {"cloudseg.study": study_name, "cloudseg.worker": str(worker_index),
-                                      "cloudseg.storage": storage_url.split("@")[-1]},
-                       run_name=f"{study_name}-worker{worker_index}")
+    parent = sweep_run.start(cfg, space, {"cloudseg.study": study_name, "cloudseg.worker": str(worker_index),
+                                          "cloudseg.storage": storage_url.split("@")[-1]},
+                             run_name=f"{study_name}-worker{worker_index}")
     deadline = time.time() + timeout if timeout else None
     objective = trial_objective(study, cfg, space, root, split, parent, study_name, n_trials, init_weights)
     with tracking.run_status(parent):
-        while (deadline is None or time.time() < deadline) and claim_trial(study, storage_url, n_trials):
-            study.optimize(objective, n_trials=1, catch=(Exception,))
-            reconcile(study, client, parent)
-            client.set_tag(parent, "cloudseg.heartbeat", str(int(time.time())))
-            if study.trials[-1].user_attrs.get("surplus"):
-                break
+        try:
+            while (deadline is None or time.time() < deadline) and claim_trial(study, storage_url, n_trials):
+                study.optimize(objective, n_trials=1, catch=(Exception,))
+                reconcile(study, client, parent)
+                sweep_run.follow_best(study, parent, client)
+                client.set_tag(parent, "cloudseg.heartbeat", str(int(time.time())))
+                if study.trials[-1].user_attrs.get("surplus"):
+                    break
+        except BaseException:  # Ctrl-C, SIGTERM: the row still gets its best trial's recipe before it ends KILLED
+            with contextlib.suppress(Exception):
+                sweep_run.settle(study, parent, space, client)
+            raise
         finish_parent(study, parent, client)
 
 
